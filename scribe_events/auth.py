@@ -1,0 +1,159 @@
+"""Identity: JWT verification (PyJWT), dev tokens, and single-use stream tickets for browsers."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt
+
+from scribe_events.config import Settings
+from scribe_events.exceptions import Forbidden, InvalidToken, RateLimited, Unauthorized
+
+ROLE_PUBLISHER = "publisher"
+ROLE_ADMIN = "admin"
+ROLES = (ROLE_PUBLISHER, ROLE_ADMIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: ``sub`` is the user id; ``sid`` the session the token is bound to, if any."""
+
+    user_id: str
+    session_id: str | None = None
+    roles: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def is_admin(self) -> bool:
+        return ROLE_ADMIN in self.roles
+
+    def require(self, *roles: str) -> None:
+        if not self.roles.intersection(roles):
+            raise Forbidden(f"this needs the role {' or '.join(roles)}", code="missing_role")
+
+
+class TokenVerifier:
+    """Checks bearer tokens against the configured key, algorithms, audience and issuer."""
+
+    def __init__(self, settings: Settings, *, create_secret: bool = False) -> None:
+        algorithms = [a for a in settings.jwt_algorithms if a.lower() != "none"]
+        if not algorithms:
+            raise ValueError("SCRIBE_EVENTS_JWT_ALGORITHMS names no usable algorithm")
+        self.algorithms = algorithms
+        key: Any
+        if settings.jwt_public_key:
+            key = settings.jwt_public_key
+        else:
+            key = settings.signing_secret(create=create_secret)
+            if key is None:
+                raise ValueError("no JWT secret: set SCRIBE_EVENTS_JWT_SECRET or run `scribe-events serve` once")
+        self.key = key
+        self.audience = settings.jwt_audience
+        self.issuer = settings.jwt_issuer
+
+    def verify(self, token: str) -> Principal:
+        try:
+            claims = jwt.decode(
+                token,
+                self.key,
+                algorithms=self.algorithms,
+                audience=self.audience,
+                issuer=self.issuer,
+                options={"require": ["sub", "exp"], "verify_aud": self.audience is not None},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise InvalidToken("the token has expired") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise InvalidToken("the token is not meant for this audience") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise InvalidToken("the token has the wrong issuer") from exc
+        except jwt.InvalidAlgorithmError as exc:
+            raise InvalidToken("the token's algorithm is not accepted") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise InvalidToken("the token's signature does not verify") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise InvalidToken(f"the token lacks the claim '{exc.claim}'") from exc
+        except jwt.PyJWTError as exc:
+            raise InvalidToken("the token is malformed") from exc
+        return principal_from_claims(claims)
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    sub, sid, roles = claims.get("sub"), claims.get("sid"), claims.get("roles", [])
+    if not isinstance(sub, str) or not sub:
+        raise InvalidToken("the token's 'sub' must be a non-empty string")
+    if sid is not None and (not isinstance(sid, str) or not sid):
+        raise InvalidToken("the token's 'sid' must be a non-empty string")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise InvalidToken("the token's 'roles' must be a list of strings")
+    return Principal(sub, sid, frozenset(roles))
+
+
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer …`` header, or 401."""
+    if not authorization:
+        raise Unauthorized("send 'Authorization: Bearer <token>'")
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidToken("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def mint_token(
+    secret: str,
+    user_id: str,
+    *,
+    session_id: str | None = None,
+    roles: list[str] | tuple[str, ...] = (),
+    ttl_s: int = 3600,
+    algorithm: str = "HS256",
+    audience: str | None = None,
+    issuer: str | None = None,
+) -> str:
+    """A signed token for ``user_id``: for development, tests and the CLI's own use."""
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + ttl_s}
+    if session_id:
+        claims["sid"] = session_id
+    if roles:
+        claims["roles"] = list(roles)
+    if audience:
+        claims["aud"] = audience
+    if issuer:
+        claims["iss"] = issuer
+    return jwt.encode(claims, secret, algorithm=algorithm)
+
+
+class MemoryTickets:
+    """Single-use tickets held in this process. (With Redis configured they live in Redis.)"""
+
+    MAX_OUTSTANDING = 100_000
+
+    def __init__(self, ttl_s: int) -> None:
+        self.ttl_s = ttl_s
+        self._tickets: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+
+    async def issue(self, principal: Principal) -> str:
+        self._expire()
+        if len(self._tickets) >= self.MAX_OUTSTANDING:
+            raise RateLimited("too many outstanding tickets", retry_after_s=self.ttl_s)
+        ticket = secrets.token_urlsafe(32)
+        self._tickets[ticket] = (time.monotonic() + self.ttl_s, principal)
+        return ticket
+
+    async def redeem(self, ticket: str) -> Principal:
+        entry = self._tickets.pop(ticket, None)
+        if entry is None or entry[0] < time.monotonic():
+            raise InvalidToken("the ticket is unknown, expired or already used")
+        return entry[1]
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._tickets:
+            ticket, (expires, _) = next(iter(self._tickets.items()))
+            if expires >= now:
+                break
+            del self._tickets[ticket]

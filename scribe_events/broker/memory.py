@@ -1,0 +1,26 @@
+"""In-process broker: one instance, so publishing is a direct call into the local hub."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from scribe_events.broker.base import Broker, DeliverySink
+from scribe_events.events import Event
+
+
+class MemoryBroker(Broker):
+    name = "memory"
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self._sink: DeliverySink | None = None
+
+    async def start(self, sink: DeliverySink) -> None:
+        self._sink = sink
+
+    async def publish(self, events: Sequence[Event]) -> None:
+        if self._sink is not None:
+            self._sink([e.delivery() for e in events])
+
+    async def close(self) -> None:
+        self._sink = None

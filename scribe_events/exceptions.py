@@ -1,0 +1,109 @@
+"""Errors of scribe-events. Each maps to one HTTP status and one contract error code.
+
+    ScribeEventsError                  500 internal_error
+    ├── BadRequest                     400 bad_request
+    │   └── InvalidJSON                400 invalid_json
+    ├── Unauthorized                   401 unauthorized        (no credentials)
+    │   └── InvalidToken               401 invalid_token       (bad, expired, wrong aud/iss, bad ticket)
+    ├── Forbidden                      403 forbidden
+    ├── NotFound                       404 not_found
+    ├── Conflict                       409 conflict
+    ├── PayloadTooLarge                413 payload_too_large
+    ├── ValidationFailed               422 validation_error    (names the field)
+    ├── RateLimited                    429 rate_limited        (carries Retry-After)
+    └── StoreUnavailable               503 store_unavailable   (the publisher must retry)
+
+Third-party errors are mapped at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class ScribeEventsError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class BadRequest(ScribeEventsError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidJSON(BadRequest):
+    code = "invalid_json"
+
+
+class Unauthorized(ScribeEventsError):
+    status = 401
+    code = "unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class InvalidToken(Unauthorized):
+    code = "invalid_token"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer error="invalid_token"'}
+
+
+class Forbidden(ScribeEventsError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ScribeEventsError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ScribeEventsError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ScribeEventsError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ValidationFailed(ScribeEventsError):
+    status = 422
+    code = "validation_error"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message, code=code)
+        self.field = field
+
+
+class RateLimited(ScribeEventsError):
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class StoreUnavailable(ScribeEventsError):
+    status = 503
+    code = "store_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}

@@ -1,0 +1,263 @@
+"""The hub: this instance's live connections, routing of deliveries to them, and the shared heartbeat.
+
+The hot path is :meth:`Hub.dispatch`: for one :class:`~scribe_events.events.Delivery` it picks the
+target connections through an index (all, by user, or by user and session), skips those whose type
+filter refuses it, and writes the event's pre-built chunk to each socket. There is no per-connection
+task, queue or timer on that path: a connection's outgoing queue *is* its socket's write buffer,
+bounded by ``max_buffer`` bytes; a client that lets it fill is cut off (it resumes with
+Last-Event-ID, so nothing is lost) instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from scribe_events import sse
+from scribe_events.events import Delivery, TypeFilter, dumps, now_ms, rfc3339
+
+log = logging.getLogger("scribe_events.hub")
+
+EMPTY: frozenset[Connection] = frozenset()
+# Live events held for one connection while it replays; past this it is cut off as slow.
+MAX_PENDING = 10_000
+
+
+class Sink(Protocol):
+    """What a connection writes to: an asyncio transport, or :class:`~scribe_events.web.sinks.AsgiSink`."""
+
+    def write(self, data: bytes) -> None: ...
+    def get_write_buffer_size(self) -> int: ...
+    def is_closing(self) -> bool: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Connection:
+    """One open stream. ``pending`` is a list while the stream replays, ``None`` once it is live."""
+
+    __slots__ = (
+        "buffer_size",
+        "closed_reason",
+        "connected_at",
+        "id",
+        "pending",
+        "remote",
+        "session_id",
+        "sink",
+        "types",
+        "user_agent",
+        "user_id",
+        "write",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        user_id: str,
+        session_id: str | None,
+        sink: Sink,
+        *,
+        types: TypeFilter | None = None,
+        remote: str = "",
+        user_agent: str = "",
+        replaying: bool = False,
+    ) -> None:
+        self.id = id
+        self.user_id = user_id
+        self.session_id = session_id
+        self.types = types
+        self.sink = sink
+        self.write: Callable[[bytes], Any] = sink.write
+        self.buffer_size: Callable[[], int] = sink.get_write_buffer_size
+        self.pending: list[Delivery] | None = [] if replaying else None
+        self.connected_at = time.time()
+        self.remote = remote
+        self.user_agent = user_agent
+        self.closed_reason: str | None = None
+
+    def wants(self, d: Delivery) -> bool:
+        """Routing and type filter, for the slow paths (the hub's loop inlines this)."""
+        if not d.broadcast and d.user_id != self.user_id:
+            return False
+        if d.session_id is not None and d.session_id != self.session_id:
+            return False
+        return self.types is None or self.types(d.type)
+
+
+FailureHook = Callable[[Connection, str], None]
+
+
+class Hub:
+    """Local connections of this instance, indexed for routing."""
+
+    def __init__(self, *, instance: str, heartbeat_s: float, max_buffer: int) -> None:
+        self.instance = instance
+        self.heartbeat_s = heartbeat_s
+        self.max_buffer = max_buffer
+        self.connections: dict[str, Connection] = {}
+        self._by_user: dict[str, set[Connection]] = {}
+        self._by_session: dict[tuple[str, str], set[Connection]] = {}
+        self.on_cut: list[FailureHook] = []
+        self.delivered = 0
+        self.cut_off = 0
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.closing = False
+
+    # -- membership ------------------------------------------------------------------------------
+
+    def add(self, conn: Connection) -> None:
+        self.connections[conn.id] = conn
+        self._by_user.setdefault(conn.user_id, set()).add(conn)
+        if conn.session_id is not None:
+            self._by_session.setdefault((conn.user_id, conn.session_id), set()).add(conn)
+        log.info("connection %s opened user=%s session=%s remote=%s", conn.id, conn.user_id,
+                 conn.session_id, conn.remote)
+
+    def remove(self, conn: Connection, reason: str) -> None:
+        """Forget a connection (idempotent) and log why it ended."""
+        if self.connections.pop(conn.id, None) is None:
+            return
+        conn.closed_reason = conn.closed_reason or reason
+        _discard(self._by_user, conn.user_id, conn)
+        if conn.session_id is not None:
+            _discard(self._by_session, (conn.user_id, conn.session_id), conn)
+        log.info("connection %s closed user=%s reason=%s age=%.1fs", conn.id, conn.user_id,
+                 conn.closed_reason, time.time() - conn.connected_at)
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+    def count_for(self, user_id: str) -> int:
+        return len(self._by_user.get(user_id, EMPTY))
+
+    def users(self) -> list[str]:
+        return list(self._by_user)
+
+    # -- the hot path ----------------------------------------------------------------------------
+
+    def dispatch(self, deliveries: Iterable[Delivery]) -> None:
+        """Write each delivery to every local connection that should receive it."""
+        limit = self.max_buffer
+        troubled: list[tuple[Connection, str]] | None = None
+        delivered = 0
+        for d in deliveries:
+            if d.broadcast:
+                targets: Iterable[Connection] = self.connections.values()
+            elif d.session_id is not None:
+                targets = self._by_session.get((d.user_id, d.session_id), EMPTY)  # type: ignore[arg-type]
+            else:
+                targets = self._by_user.get(d.user_id, EMPTY)  # type: ignore[arg-type]
+            chunk = d.chunk
+            type_ = d.type
+            for c in targets:
+                if c.types is not None and not c.types(type_):
+                    continue
+                if c.pending is not None:
+                    c.pending.append(d)
+                    if len(c.pending) > MAX_PENDING:
+                        troubled = troubled or []
+                        troubled.append((c, "slow_client"))
+                    continue
+                try:
+                    c.write(chunk)
+                    if c.buffer_size() > limit:
+                        troubled = troubled or []
+                        troubled.append((c, "slow_client"))
+                except Exception:  # a transport that is already closing
+                    troubled = troubled or []
+                    troubled.append((c, "write_error"))
+                delivered += 1
+        self.delivered += delivered
+        if troubled:
+            for c, reason in troubled:
+                self.cut(c, reason)
+
+    def cut(self, conn: Connection, reason: str) -> None:
+        """Drop a connection now: buffered bytes are discarded, the client resumes from its last id."""
+        if conn.id not in self.connections:
+            return
+        conn.closed_reason = reason
+        self.cut_off += 1
+        log.warning("connection %s cut off user=%s reason=%s buffered=%d", conn.id, conn.user_id, reason,
+                    _safe_size(conn))
+        for hook in self.on_cut:
+            hook(conn, reason)
+        self.remove(conn, reason)
+        conn.sink.abort()
+
+    def write_direct(self, conn: Connection, chunks: Iterable[bytes]) -> bool:
+        """Write chunks to one connection outside :meth:`dispatch` (replay); False if it was cut."""
+        try:
+            for chunk in chunks:
+                conn.write(chunk)
+        except Exception:
+            self.cut(conn, "write_error")
+            return False
+        if conn.buffer_size() > self.max_buffer:
+            self.cut(conn, "slow_client")
+            return False
+        return True
+
+    def go_live(self, conn: Connection, after_seq: int) -> None:
+        """End a replay: send what arrived meanwhile (skipping what the replay already sent)."""
+        pending, conn.pending = conn.pending or [], None
+        chunks = [d.chunk for d in pending if d.seq is None or d.seq > after_seq]
+        if chunks:
+            self.delivered += len(chunks)
+            self.write_direct(conn, chunks)
+
+    # -- heartbeat and shutdown ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="scribe-heartbeat")
+
+    async def _beat(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_at = loop.time() + self.heartbeat_s
+        while True:
+            await asyncio.sleep(max(0.0, next_at - loop.time()))
+            next_at += self.heartbeat_s
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        """One shared tick: the same heartbeat chunk goes to every live connection."""
+        chunk = sse.chunk(sse.frame(dumps({"server_time": rfc3339(now_ms())}), event="heartbeat"))
+        live = [c for c in self.connections.values() if c.pending is None]
+        for c in live:
+            if c.id in self.connections:
+                self.write_direct(c, (chunk,))
+
+    async def close(self) -> None:
+        """Graceful end: stop the heartbeat, finish every stream's chunked body, close the sockets."""
+        self.closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
+        for conn in list(self.connections.values()):
+            conn.closed_reason = "shutdown"
+            try:
+                conn.write(sse.CHUNK_END)
+            except Exception:
+                pass
+            conn.sink.close()
+            self.remove(conn, "shutdown")
+
+
+def _discard(index: dict[Any, set[Connection]], key: Any, conn: Connection) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(conn)
+        if not members:
+            del index[key]
+
+
+def _safe_size(conn: Connection) -> int:
+    try:
+        return conn.buffer_size()
+    except Exception:
+        return -1

@@ -1,0 +1,237 @@
+"""FastAPI routes: tickets, publishing, polling, client config, push mode, health, the index page."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, Principal, bearer_token
+from scribe_events.events import Event, TypeFilter, parse_publish
+from scribe_events.exceptions import (
+    BadRequest,
+    Forbidden,
+    InvalidJSON,
+    StoreUnavailable,
+    ValidationFailed,
+)
+from scribe_events.service import dump_with_raw, request_fingerprint
+from scribe_events.web import stream
+from scribe_events.web.app_state import runtime_of
+
+_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+_ERROR = {"content": {"application/json": {"example": {"error": {"code": "invalid_token", "message": "…"}}}}}
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing, bad or expired token", **_ERROR}}
+
+
+async def authenticate(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+    """The caller, from ``Authorization: Bearer <jwt>``."""
+    return runtime_of(request).verifier.verify(bearer_token(authorization))
+
+
+Caller = Annotated[Principal, Depends(authenticate)]
+
+
+class TicketOut(BaseModel):
+    ticket: str
+    expires_in: int
+
+
+class PublishedOut(BaseModel):
+    ids: list[str]
+
+
+class PushModeIn(BaseModel):
+    mode: Literal["sse", "polling"]
+    sse_percent: int = Field(100, ge=0, le=100)
+
+
+_EVENT_SCHEMA = {
+    "type": "object",
+    "required": ["type"],
+    "properties": {
+        "type": {"type": "string", "example": "content.novel-created"},
+        "data": {"type": "object"},
+        "user_id": {"type": "string"},
+        "session_id": {"type": "string", "description": "only together with user_id"},
+        "broadcast": {"type": "boolean"},
+        "task_id": {"type": "string"},
+        "sensitive": {"type": "boolean"},
+        "persist": {"type": "boolean", "description": "custom types only; false = live only"},
+    },
+}
+_PUBLISH_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        _EVENT_SCHEMA,
+                        {"type": "object", "required": ["events"],
+                         "properties": {"events": {"type": "array", "items": _EVENT_SCHEMA}}},
+                    ]
+                }
+            }
+        },
+    }
+}
+
+router = APIRouter()
+
+
+@router.get(
+    stream.STREAM_PATH,
+    tags=["stream"],
+    summary="Open the event stream (text/event-stream)",
+    response_class=Response,
+    responses={200: {"content": {"text/event-stream": {}}}, **_AUTH_ERRORS},
+)
+async def open_stream(
+    request: Request,
+    session_id: str | None = None,
+    types: Annotated[str | None, Query(description="comma-separated globs, e.g. task.*")] = None,
+    last_event_id: str | None = None,
+    ticket: str | None = None,
+) -> Response:
+    """Documented here; served by the stream handler (`scribe_events.web.stream`), which answers the
+    path before FastAPI's routing. Send `Authorization: Bearer`, or `ticket=` from a browser."""
+    raise StoreUnavailable("the service is starting", code="not_ready")
+
+
+@router.post("/api/v1/events/tickets", tags=["stream"], response_model=TicketOut, responses=_AUTH_ERRORS)
+async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
+    """A single-use ticket (30 s) for `GET /api/v1/events/stream?ticket=…`, for `EventSource`."""
+    rt = runtime_of(request)
+    return TicketOut(ticket=await rt.tickets.issue(principal), expires_in=rt.settings.ticket_ttl_s)
+
+
+@router.post(
+    "/api/v1/events",
+    tags=["publish"],
+    status_code=202,
+    response_model=PublishedOut,
+    openapi_extra=_PUBLISH_BODY,
+    responses={**_AUTH_ERRORS, 403: _ERROR, 409: _ERROR, 413: _ERROR, 422: _ERROR, 503: _ERROR},
+)
+async def publish(
+    request: Request,
+    principal: Caller,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> PublishedOut:
+    """Publish one event or `{"events": [...]}` (roles `publisher`, `admin`). Important events are
+    committed to the store before anyone is sent them; the answer carries their ids in order."""
+    principal.require(ROLE_PUBLISHER, ROLE_ADMIN)
+    rt = runtime_of(request)
+    if idempotency_key is not None and not _KEY.match(idempotency_key):
+        raise BadRequest("Idempotency-Key must be 1-200 visible ASCII characters", code="invalid_idempotency_key")
+    body = await request.body()
+    events = parse_body(body, rt.settings.max_event_bytes, rt.settings.max_batch_events)
+    ids = await rt.service.publish(principal, events, idempotency_key=idempotency_key,
+                                   request_hash=request_fingerprint(body))
+    return PublishedOut(ids=ids)
+
+
+def parse_body(body: bytes, max_event_bytes: int, max_batch: int) -> list[Event]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidJSON("the body is not valid JSON") from None
+    if isinstance(payload, dict) and "events" in payload:
+        items = payload["events"]
+        extra = sorted(set(payload) - {"events"})
+        if extra:
+            raise ValidationFailed("is not allowed beside 'events'", field=extra[0])
+        if not isinstance(items, list) or not items:
+            raise ValidationFailed("must be a non-empty list of events", field="events")
+        if len(items) > max_batch:
+            raise ValidationFailed(f"holds {len(items)} events; at most {max_batch} per request", field="events")
+        return [parse_publish(item, max_event_bytes=max_event_bytes, index=i) for i, item in enumerate(items)]
+    return [parse_publish(payload, max_event_bytes=max_event_bytes)]
+
+
+@router.get("/api/v1/events", tags=["polling"], responses=_AUTH_ERRORS)
+async def poll(
+    request: Request,
+    principal: Caller,
+    after: Annotated[str | None, Query(description="last id seen; omit to start from now, 0 for all")] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    types: str | None = None,
+    session_id: str | None = None,
+) -> Response:
+    """Polling fallback: the same events, visibility and envelopes as the stream."""
+    if principal.session_id is not None and session_id not in (None, principal.session_id):
+        raise Forbidden("the token is bound to another session", code="session_mismatch")
+    rt = runtime_of(request)
+    body = await rt.service.poll(principal, session_id or principal.session_id, after, limit,
+                                 TypeFilter.parse(types))
+    return Response(dump_with_raw(body), media_type="application/json")
+
+
+@router.get("/api/v1/events/config", tags=["polling"], responses=_AUTH_ERRORS)
+async def client_config(request: Request, principal: Caller) -> dict[str, Any]:
+    """How this user's client should connect: push mode, intervals, reconnect policy."""
+    return runtime_of(request).service.config_for(principal)
+
+
+@router.put("/api/v1/admin/push-mode", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+async def set_push_mode(request: Request, principal: Caller, body: PushModeIn) -> dict[str, Any]:
+    """Switch between SSE and polling at run time (`sse_percent` for A/B tests); connected clients
+    are told with `system.push-mode`."""
+    principal.require(ROLE_ADMIN)
+    rt = runtime_of(request)
+    await rt.service.set_push_mode(body.mode, body.sse_percent, rt.hub)
+    return {"mode": body.mode, "sse_percent": body.sse_percent}
+
+
+def _health(request: Request, ready: dict[str, bool] | None) -> dict[str, Any]:
+    rt = runtime_of(request)
+    status = "ok" if ready is None or all(ready.values()) else "unavailable"
+    return {
+        "status": status,
+        "instance": rt.settings.instance_id,
+        "connections": len(rt.hub),
+        "uptime_s": round(time.time() - rt.started_at, 3),
+        "dependencies": {k: ("ok" if v else "down") for k, v in (ready or {}).items()},
+    }
+
+
+@router.get("/health", tags=["operations"])
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness: the process answers."""
+    return _health(request, None)
+
+
+@router.get("/health/ready", tags=["operations"], responses={503: {"description": "a dependency is down"}})
+async def health_ready(request: Request) -> JSONResponse:
+    """Readiness: 503 when the store (or, when configured, Redis) is down."""
+    rt = runtime_of(request)
+    deps = {"store": await rt.store.ping(), "broker": await rt.broker.ready()}
+    body = _health(request, deps)
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+@router.get("/", include_in_schema=False)
+async def index() -> HTMLResponse:
+    return HTMLResponse(_INDEX)
+
+
+_INDEX = """<!doctype html><meta charset="utf-8"><title>scribe-events</title>
+<style>body{font:16px/1.5 system-ui;margin:3em auto;max-width:46em;padding:0 1em}code{background:#f3f3f3}</style>
+<h1>scribe-events is running</h1>
+<p>Server-Sent Events for InfiniteScribe. The stream is <code>GET /api/v1/events/stream</code>
+(Bearer token, or <code>?ticket=</code> from <code>POST /api/v1/events/tickets</code>).</p>
+<ul><li><a href="/docs">API documentation</a></li><li><a href="/health">health</a></li></ul>
+<p>Try it: <code>scribe-events tail --user demo</code> in one terminal and
+<code>scribe-events publish system.notification --user demo --data '{"level":"info","title":"Hi","message":"It works"}'</code>
+in another.</p>
+"""
+
+
+def install(app: FastAPI) -> None:
+    app.include_router(router)

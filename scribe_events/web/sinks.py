@@ -1,0 +1,74 @@
+"""A write-buffer-like sink over ASGI ``send``, for servers that do not expose the transport."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import deque
+from typing import Any
+
+from scribe_events import sse
+
+
+class AsgiSink:
+    """Looks like a transport to the hub: ``write`` queues bytes, a task sends them, size is bounded by the hub."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self._queue: deque[bytes] = deque()
+        self._size = 0
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._aborted = False
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            raise RuntimeError("the stream is closing")
+        self._queue.append(data)
+        self._size += len(data)
+        self._wake.set()
+
+    def get_write_buffer_size(self) -> int:
+        return self._size
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    def abort(self) -> None:
+        self._closing = self._aborted = True
+        self._queue.clear()
+        self._size = 0
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                data = self._queue.popleft()
+                self._size -= len(data)
+                if data != sse.CHUNK_END:
+                    await self._send({"type": "http.response.body", "body": sse.unchunk(data), "more_body": True})
+            if self._closing:
+                if not self._aborted:
+                    await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+                return
+
+    async def wait_closed(self, receive: Any) -> None:
+        """Until the client goes away or the sink is closed; then stop both."""
+
+        async def disconnected() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        listener = asyncio.get_running_loop().create_task(disconnected())
+        await asyncio.wait({listener, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (listener, self._task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

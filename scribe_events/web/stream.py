@@ -1,0 +1,172 @@
+"""``GET /api/v1/events/stream``: authenticate, register, greet, replay, then stay live until the end.
+
+Answered as a plain ASGI handler (not through FastAPI's routing and middleware), because every
+coroutine frame kept alive here is kept once per idle connection.
+
+How a stream ends (each path removes the connection from the hub at once and logs why):
+- the client goes away: uvicorn's ``connection_lost`` wakes ``receive()`` with ``http.disconnect``;
+- the hub cuts it (slow client, write error): it aborts the transport, which is the same wake-up;
+- shutdown: the hub writes the chunked body's end and closes the transport, same again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+from scribe_events import sse
+from scribe_events.auth import bearer_token
+from scribe_events.events import TypeFilter, dumps, now_ms, rfc3339
+from scribe_events.exceptions import BadRequest, Forbidden, ScribeEventsError, StoreUnavailable
+from scribe_events.hub import Connection, Hub, Sink
+from scribe_events.web.errors import send_error
+from scribe_events.web.protocol import TRANSPORT_EXTENSION
+from scribe_events.web.sinks import AsgiSink
+
+if TYPE_CHECKING:
+    from scribe_events.web.app import Runtime
+
+log = logging.getLogger("scribe_events.stream")
+
+STREAM_PATH = "/api/v1/events/stream"
+_SESSION = re.compile(r"^[^\x00-\x1f]{1,200}$")
+_DRAIN_TIMEOUT_S = 10.0
+
+
+def _headers(scope: dict[str, Any]) -> dict[bytes, bytes]:
+    return {k: v for k, v in scope["headers"]}
+
+
+def cors_headers(runtime: Runtime, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+    if origin is None:
+        return []
+    allowed = runtime.settings.cors_origins
+    text = origin.decode("latin-1")
+    if "*" in allowed or text in allowed:
+        return [(b"access-control-allow-origin", origin), (b"access-control-allow-credentials", b"true"),
+                (b"vary", b"Origin")]
+    return []
+
+
+async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    headers = _headers(scope)
+    cors = cors_headers(runtime, headers.get(b"origin"))
+    try:
+        conn_args, plan, last_id = await _accept(runtime, scope, headers)
+    except ScribeEventsError as exc:
+        await send_error(send, exc, cors)
+        return
+
+    await send({
+        "type": "http.response.start",
+        "status": 200,
+        "headers": [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-cache"),
+            (b"x-accel-buffering", b"no"),
+            *cors,
+        ],
+    })
+    transport = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+    sink: Sink = transport if transport is not None else AsgiSink(send)
+    hub = runtime.hub
+    conn = Connection(sink=sink, replaying=plan.after is not None, **conn_args)
+    hello = {
+        "connection_id": conn.id,
+        "server_time": rfc3339(now_ms()),
+        "instance": runtime.settings.instance_id,
+        "heartbeat_interval_s": runtime.settings.heartbeat_s,
+        "resumed_from": last_id,
+    }
+    first = [sse.chunk(sse.frame(dumps(hello), event="connection.established", retry=runtime.settings.retry_ms))]
+    if plan.truncated is not None:
+        first.append(sse.chunk(sse.frame(dumps(plan.truncated), event="replay.truncated")))
+    hub.add(conn)
+    try:
+        if hub.write_direct(conn, first) and plan.after is not None:
+            await _replay(runtime, conn, plan.after)
+        if isinstance(sink, AsgiSink):
+            await sink.wait_closed(receive)
+        else:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+    finally:
+        hub.remove(conn, "client_closed")
+
+
+async def _accept(runtime: Runtime, scope: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[dict[str, Any], Any, str | None]:
+    """Check everything about the request before the 200 goes out."""
+    if runtime.hub.closing:
+        raise StoreUnavailable("the server is shutting down", code="shutting_down")
+    query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True).items()}
+    if "token" in query or "access_token" in query:
+        raise BadRequest("tokens are not accepted in the query string; use a ticket", code="token_in_query")
+    ticket = query.get("ticket")
+    if ticket:
+        principal = await runtime.tickets.redeem(ticket)
+    else:
+        principal = runtime.verifier.verify(bearer_token(_text(headers.get(b"authorization"))))
+    session_id = query.get("session_id") or principal.session_id
+    if session_id is not None and not _SESSION.match(session_id):
+        raise BadRequest("session_id must be 1-200 printable characters", code="invalid_session_id")
+    if principal.session_id is not None and session_id != principal.session_id:
+        raise Forbidden("the token is bound to another session", code="session_mismatch")
+    types = TypeFilter.parse(query.get("types"))
+    last_id = _text(headers.get(b"last-event-id"))
+    if last_id is None:
+        last_id = query.get("last_event_id")
+    plan = await runtime.service.plan_resume(last_id)
+    client = scope.get("client")
+    conn_args = {
+        "id": secrets.token_hex(8),
+        "user_id": principal.user_id,
+        "session_id": session_id,
+        "types": types,
+        "remote": f"{client[0]}:{client[1]}" if client else "",
+        "user_agent": _text(headers.get(b"user-agent")) or "",
+    }
+    return conn_args, plan, last_id
+
+
+async def _replay(runtime: Runtime, conn: Connection, after: int) -> None:
+    """Send every stored event after ``after`` that this stream may see, paced by the socket."""
+    hub, store, page = runtime.hub, runtime.store, runtime.settings.replay_page
+    sent = after
+    while conn.id in hub.connections:
+        try:
+            batch = await store.read(after=sent, user_id=conn.user_id, session_id=conn.session_id,
+                                     limit=page, types=conn.types)
+        except StoreUnavailable as exc:
+            log.error("replay for %s failed: %s", conn.id, exc)
+            hub.cut(conn, "store_unavailable")
+            return
+        for event in batch:
+            if not hub.write_direct(conn, (event.delivery().chunk,)):
+                return
+            if conn.buffer_size() > hub.max_buffer // 2 and not await _drain(hub, conn):
+                return
+        if batch:
+            sent = batch[-1].id  # type: ignore[assignment]
+        if len(batch) < page:
+            break
+    if conn.id in hub.connections:
+        hub.go_live(conn, sent)
+
+
+async def _drain(hub: Hub, conn: Connection) -> bool:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DRAIN_TIMEOUT_S
+    while conn.buffer_size() > hub.max_buffer // 4:
+        if loop.time() > deadline or conn.id not in hub.connections:
+            hub.cut(conn, "slow_client")
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("latin-1")
