@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import socket
 from typing import Any
@@ -37,6 +38,13 @@ def tune_gc() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
+def log_config(level: str) -> dict[str, Any]:
+    """uvicorn's logging set-up, with the service's own loggers on the same handler."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["loggers"]["scribe_events"] = {"handlers": ["default"], "level": level.upper(), "propagate": False}
+    return config
+
+
 def build_server(settings: Settings, *, fd: int | None = None, **overrides: Any) -> Server:
     app = create_app(settings)
     config = uvicorn.Config(
@@ -49,6 +57,7 @@ def build_server(settings: Settings, *, fd: int | None = None, **overrides: Any)
         ws="none",
         lifespan="on",
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
         access_log=settings.access_log,
         timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
         proxy_headers=False,
