@@ -53,13 +53,29 @@ def cors_headers(runtime: Runtime, origin: bytes | None) -> list[tuple[bytes, by
 
 
 async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    # This frame lives as long as the stream: it keeps only what it needs (see _open).
+    conn = await _open(runtime, scope, send)
+    if conn is None:
+        return
+    try:
+        if isinstance(conn.sink, AsgiSink):
+            await conn.sink.wait_closed(receive)
+        else:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+    finally:
+        runtime.hub.remove(conn, "client_closed")
+
+
+async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connection | None:
+    """Accept or refuse; greet; replay. Returns the live connection, or None if it is already over."""
     headers = _headers(scope)
     cors = cors_headers(runtime, headers.get(b"origin"))
     try:
         conn_args, plan, last_id = await _accept(runtime, scope, headers)
     except ScribeEventsError as exc:
         await send_error(send, exc, cors)
-        return
+        return None
 
     await send({
         "type": "http.response.start",
@@ -89,13 +105,10 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
     try:
         if hub.write_direct(conn, first) and plan.after is not None:
             await _replay(runtime, conn, plan.after)
-        if isinstance(sink, AsgiSink):
-            await sink.wait_closed(receive)
-        else:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-    finally:
-        hub.remove(conn, "client_closed")
+    except BaseException:
+        hub.remove(conn, "error")
+        raise
+    return conn
 
 
 async def _accept(runtime: Runtime, scope: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[dict[str, Any], Any, str | None]:
