@@ -58,6 +58,8 @@ def client_token(settings: Settings, token: str | None, user: str, roles: list[s
         return settings.token
     secret = settings.signing_secret()
     if secret is None:
-        raise fail("no token: pass --token, set SCRIBE_EVENTS_TOKEN, or run where the server's secret file is "
-                   f"({settings.jwt_secret_file}) or SCRIBE_EVENTS_JWT_SECRET is set")
+        raise fail(
+            "no token: pass --token, set SCRIBE_EVENTS_TOKEN, or run where the server's secret file is "
+            f"({settings.jwt_secret_file}) or SCRIBE_EVENTS_JWT_SECRET is set"
+        )
     return mint_token(secret, user, roles=roles, audience=settings.jwt_audience, issuer=settings.jwt_issuer)

@@ -10,11 +10,11 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.panel import Panel
+from scribe_events_cli.common import client_token, console, err_console, fail, friendly, load_settings
+from scribe_events_cli.render import render_message
 
 from scribe_events import __version__, client
 from scribe_events.auth import ROLES, mint_token
-from scribe_events_cli.common import client_token, console, err_console, fail, friendly, load_settings
-from scribe_events_cli.render import render_message
 
 app = typer.Typer(
     name="scribe-events",
@@ -27,7 +27,9 @@ app = typer.Typer(
 UrlOpt = Annotated[str | None, typer.Option("--url", help="Server URL (env SCRIBE_EVENTS_URL).")]
 TokenOpt = Annotated[
     str | None,
-    typer.Option("--token", help="Bearer token (env SCRIBE_EVENTS_TOKEN); default: minted with the local secret."),
+    typer.Option(
+        "--token", help="Bearer token (env SCRIBE_EVENTS_TOKEN); default: minted with the local secret."
+    ),
 ]
 
 
@@ -39,8 +41,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     """The real-time event service of InfiniteScribe (Server-Sent Events)."""
 
@@ -50,17 +53,21 @@ def main_callback(
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface to bind (env SCRIBE_EVENTS_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (env SCRIBE_EVENTS_PORT).")] = None,
-    fd: Annotated[int | None, typer.Option(help="Serve on an already bound socket (file descriptor).")] = None,
+    fd: Annotated[
+        int | None, typer.Option(help="Serve on an already bound socket (file descriptor).")
+    ] = None,
     heartbeat: Annotated[float | None, typer.Option(help="Heartbeat interval in seconds.")] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
-    access_log: Annotated[bool | None, typer.Option("--access-log/--no-access-log",
-                                                    help="Log every HTTP request.")] = None,
+    access_log: Annotated[
+        bool | None, typer.Option("--access-log/--no-access-log", help="Log every HTTP request.")
+    ] = None,
 ) -> None:
     """Run the service. With no configuration: SQLite file, in-process broker, generated dev secret."""
     from scribe_events.server import run
 
-    settings = load_settings(host=host, port=port, heartbeat_s=heartbeat, log_level=log_level,
-                             access_log=access_log)
+    settings = load_settings(
+        host=host, port=port, heartbeat_s=heartbeat, log_level=log_level, access_log=access_log
+    )
     if settings.is_default_setup:
         _welcome(settings)
     run(settings, fd=fd)
@@ -70,20 +77,26 @@ def _welcome(settings: Any) -> None:
     secret = settings.signing_secret(create=True)
     demo = mint_token(secret, "demo", ttl_s=24 * 3600)
     base = f"http://{settings.host}:{settings.port}"
-    console.print(Panel(
-        f"[bold]Open[/] {base}/   (API docs: {base}/docs)\n"
-        f"Embedded defaults: SQLite [cyan]{escape(settings.database_url)}[/], in-process broker, "
-        f"dev secret in [cyan]{escape(settings.jwt_secret_file)}[/].",
-        title="scribe-events (development setup)", border_style="green",
-    ))
+    console.print(
+        Panel(
+            f"[bold]Open[/] {base}/   (API docs: {base}/docs)\n"
+            f"Embedded defaults: SQLite [cyan]{escape(settings.database_url)}[/], in-process broker, "
+            f"dev secret in [cyan]{escape(settings.jwt_secret_file)}[/].",
+            title="scribe-events (development setup)",
+            border_style="green",
+        )
+    )
     # Plain lines, never wrapped, so they can be copied whole.
     auth = shlex.quote("Authorization: Bearer " + demo)
     print(f"Dev token for user 'demo' (24 h):\n  {demo}\n")
     print(f"Watch the stream:\n  curl -N -H {auth} {base}/api/v1/events/stream\n")
-    print("Send it an event (another terminal, same folder):\n"
-          "  scribe-events publish system.notification --user demo "
-          "--data '{\"level\": \"info\", \"title\": \"Hello\", \"message\": \"It works\"}'\n"
-          "Or follow it readably:\n  scribe-events tail --user demo\n", flush=True)
+    print(
+        "Send it an event (another terminal, same folder):\n"
+        "  scribe-events publish system.notification --user demo "
+        '--data \'{"level": "info", "title": "Hello", "message": "It works"}\'\n'
+        "Or follow it readably:\n  scribe-events tail --user demo\n",
+        flush=True,
+    )
 
 
 @app.command()
@@ -91,7 +104,9 @@ def _welcome(settings: Any) -> None:
 def token(
     user: Annotated[str, typer.Option("--user", help="User id (the 'sub' claim).")],
     session: Annotated[str | None, typer.Option("--session", help="Bind to this session ('sid').")] = None,
-    role: Annotated[list[str] | None, typer.Option("--role", help=f"Role to grant: {', '.join(ROLES)}. Repeatable.")] = None,
+    role: Annotated[
+        list[str] | None, typer.Option("--role", help=f"Role to grant: {', '.join(ROLES)}. Repeatable.")
+    ] = None,
     ttl: Annotated[int, typer.Option("--ttl", min=1, help="Lifetime in seconds.")] = 3600,
 ) -> None:
     """Mint a token signed with the local secret (development and scripts)."""
@@ -102,10 +117,21 @@ def token(
         raise fail(f"unknown role {unknown[0]!r}; roles are {', '.join(ROLES)}")
     secret = settings.signing_secret()
     if secret is None:
-        raise fail(f"no secret: set SCRIBE_EVENTS_JWT_SECRET or run `scribe-events serve` once here "
-                   f"(it writes {settings.jwt_secret_file})")
-    print(mint_token(secret, user, session_id=session, roles=roles, ttl_s=ttl,
-                     audience=settings.jwt_audience, issuer=settings.jwt_issuer))
+        raise fail(
+            f"no secret: set SCRIBE_EVENTS_JWT_SECRET or run `scribe-events serve` once here "
+            f"(it writes {settings.jwt_secret_file})"
+        )
+    print(
+        mint_token(
+            secret,
+            user,
+            session_id=session,
+            roles=roles,
+            ttl_s=ttl,
+            audience=settings.jwt_audience,
+            issuer=settings.jwt_issuer,
+        )
+    )
 
 
 @app.command()
@@ -113,12 +139,18 @@ def token(
 def publish(
     type_: Annotated[str, typer.Argument(metavar="TYPE", help="Event type, e.g. content.novel-created.")],
     data: Annotated[str, typer.Option("--data", help="The event's data as a JSON object.")] = "{}",
-    user: Annotated[str | None, typer.Option("--user", help="Send to this user (all their connections).")] = None,
+    user: Annotated[
+        str | None, typer.Option("--user", help="Send to this user (all their connections).")
+    ] = None,
     session: Annotated[str | None, typer.Option("--session", help="Only this session of --user.")] = None,
     broadcast: Annotated[bool, typer.Option("--broadcast", help="Send to every connection.")] = False,
     sensitive: Annotated[bool, typer.Option("--sensitive", help="Encrypt at rest.")] = False,
-    persist: Annotated[bool | None, typer.Option("--persist/--no-persist",
-                                                 help="Custom types only: store and replay (default) or live only.")] = None,
+    persist: Annotated[
+        bool | None,
+        typer.Option(
+            "--persist/--no-persist", help="Custom types only: store and replay (default) or live only."
+        ),
+    ] = None,
     idempotency_key: Annotated[str | None, typer.Option("--idempotency-key", help="Retry-safe key.")] = None,
     url: UrlOpt = None,
     token: TokenOpt = None,
@@ -154,7 +186,9 @@ def publish(
 def tail(
     user: Annotated[str, typer.Option("--user", help="Whose stream to follow.")],
     session: Annotated[str | None, typer.Option("--session", help="Session of that user.")] = None,
-    types: Annotated[str | None, typer.Option("--types", help="Comma-separated globs, e.g. 'task.*'.")] = None,
+    types: Annotated[
+        str | None, typer.Option("--types", help="Comma-separated globs, e.g. 'task.*'.")
+    ] = None,
     since: Annotated[str | None, typer.Option("--since", help="Resume after this event id.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line.")] = False,
     heartbeats: Annotated[bool, typer.Option("--heartbeats", help="Show heartbeats too.")] = False,
@@ -169,8 +203,9 @@ def tail(
         err_console.print(f"[yellow]{state}[/] {escape(detail)}")
 
     async def run() -> None:
-        async for message in client.follow(settings.url, bearer, session_id=session, types=types,
-                                           last_event_id=since, on_status=status):
+        async for message in client.follow(
+            settings.url, bearer, session_id=session, types=types, last_event_id=since, on_status=status
+        ):
             if message.event == "heartbeat" and not heartbeats:
                 continue
             if as_json:

@@ -9,8 +9,15 @@ from rich.text import Text
 
 from scribe_events.client import Message
 
-_COLOURS = {"task": "cyan", "content": "green", "workflow": "magenta", "system": "yellow",
-            "connection": "blue", "replay": "bold red", "heartbeat": "dim"}
+_COLOURS = {
+    "task": "cyan",
+    "content": "green",
+    "workflow": "magenta",
+    "system": "yellow",
+    "connection": "blue",
+    "replay": "bold red",
+    "heartbeat": "dim",
+}
 
 
 def _colour(event: str) -> str:
@@ -21,8 +28,10 @@ def _colour(event: str) -> str:
 
 def _summary(data: Any, limit: int = 160) -> str:
     if isinstance(data, dict):
-        text = "  ".join(f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}"
-                         for k, v in data.items())
+        text = "  ".join(
+            f"{k}={json.dumps(v, ensure_ascii=False) if not isinstance(v, str) else v}"
+            for k, v in data.items()
+        )
     else:
         text = json.dumps(data, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -49,7 +49,9 @@ class TokenVerifier:
         else:
             key = settings.signing_secret(create=create_secret)
             if key is None:
-                raise ValueError("no JWT secret: set SCRIBE_EVENTS_JWT_SECRET or run `scribe-events serve` once")
+                raise ValueError(
+                    "no JWT secret: set SCRIBE_EVENTS_JWT_SECRET or run `scribe-events serve` once"
+                )
         self.key = key
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer

@@ -102,7 +102,9 @@ def error_from(response: httpx.Response) -> ClientError:
         return ClientError(f"HTTP {response.status_code}", status=response.status_code)
 
 
-def stream_url(base_url: str, *, session_id: str | None = None, types: str | None = None) -> tuple[str, dict[str, str]]:
+def stream_url(
+    base_url: str, *, session_id: str | None = None, types: str | None = None
+) -> tuple[str, dict[str, str]]:
     params = {}
     if session_id:
         params["session_id"] = session_id
@@ -171,8 +173,14 @@ def _carry(old: SSEParser) -> SSEParser:
     return fresh
 
 
-async def publish(base_url: str, token: str, body: dict[str, Any], *, idempotency_key: str | None = None,
-                  timeout_s: float = 10.0) -> list[str]:
+async def publish(
+    base_url: str,
+    token: str,
+    body: dict[str, Any],
+    *,
+    idempotency_key: str | None = None,
+    timeout_s: float = 10.0,
+) -> list[str]:
     """POST one event (or ``{"events": [...]}``); returns the ids."""
     headers = {"Authorization": f"Bearer {token}"}
     if idempotency_key:

@@ -50,7 +50,6 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(30.0, gt=0)
     retry_ms: int = Field(3000, ge=0)
     retention_days: int = Field(7, ge=1)
-    encryption_keys: str | None = None
     cors_origins: list[str] = Field(default_factory=list)
 
     max_event_bytes: int = 64 * 1024

@@ -34,6 +34,7 @@ Persistence = Literal["yes", "latest", "no"]
 
 # --- shapes of the built-in types -------------------------------------------------------------
 
+
 def _str(v: Any) -> bool:
     return isinstance(v, str)
 
@@ -70,7 +71,12 @@ def _obj(**fields: Callable[[Any], bool]) -> Callable[[Any], bool]:
     return check
 
 
-_KIND = {_str: "a string", _num: "a number", _percent: "a number from 0 to 100", _bool: "a boolean"}
+_KIND: dict[Callable[[Any], bool], str] = {
+    _str: "a string",
+    _num: "a number",
+    _percent: "a number from 0 to 100",
+    _bool: "a boolean",
+}
 _LEVEL = _one_of("info", "warning", "critical")
 
 
@@ -116,11 +122,14 @@ def _describe(check: Callable[[Any], bool]) -> str:
     return _KIND.get(check) or check.__doc__ or "of the right type"
 
 
-def check_type_name(type_: Any, field: str = "type") -> None:
+def check_type_name(type_: Any, field: str = "type") -> str:
     if not isinstance(type_, str) or not _TYPE_NAME.match(type_) or len(type_) > 200:
-        raise ValidationFailed("must be a dotted event type name such as 'content.novel-created'", field=field)
+        raise ValidationFailed(
+            "must be a dotted event type name such as 'content.novel-created'", field=field
+        )
     if type_.startswith(RESERVED_PREFIXES) and type_ not in TYPES:
         raise ValidationFailed(f"'{type_}' is not a known type in a reserved namespace", field=field)
+    return type_
 
 
 def check_data(type_: str, data: Mapping[str, Any], where: str = "data") -> None:
@@ -138,6 +147,7 @@ def check_data(type_: str, data: Mapping[str, Any], where: str = "data") -> None
 
 
 # --- the event --------------------------------------------------------------------------------
+
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
@@ -218,8 +228,14 @@ class Event:
     def envelope(self) -> str:
         """The envelope as one line of JSON (routing lists are never part of it)."""
         parts = [
-            '{"id":', dumps(self.wire_id), ',"type":', dumps(self.type), ',"time":"', rfc3339(self.time_ms),
-            '","data":', self.data_json,
+            '{"id":',
+            dumps(self.wire_id),
+            ',"type":',
+            dumps(self.type),
+            ',"time":"',
+            rfc3339(self.time_ms),
+            '","data":',
+            self.data_json,
         ]
         if self.task_id is not None:
             parts += [',"task_id":', dumps(self.task_id)]
@@ -267,8 +283,7 @@ def parse_publish(raw: Any, *, max_event_bytes: int, index: int | None = None) -
     unknown = sorted(set(raw) - _PUBLISH_FIELDS)
     if unknown:
         raise ValidationFailed("is not a field of an event", field=at + unknown[0])
-    type_ = raw.get("type")
-    check_type_name(type_, field=at + "type")
+    type_ = check_type_name(raw.get("type"), field=at + "type")
     data = raw.get("data", {})
     if not isinstance(data, dict):
         raise ValidationFailed("must be a JSON object", field=at + "data")
@@ -282,16 +297,21 @@ def parse_publish(raw: Any, *, max_event_bytes: int, index: int | None = None) -
         raise ValidationFailed("must be a boolean", field=at + "broadcast")
     audiences = sum((user_id is not None, broadcast, task_id is not None))
     if session_id is not None and user_id is None:
-        raise ValidationFailed("a session is addressed together with its user_id", field=at + "session_id",
-                               code="invalid_audience")
+        raise ValidationFailed(
+            "a session is addressed together with its user_id",
+            field=at + "session_id",
+            code="invalid_audience",
+        )
     if audiences != 1:
         raise ValidationFailed(
             "name exactly one audience: user_id (optionally with session_id), broadcast: true, or task_id",
-            field=at + "audience", code="invalid_audience",
+            field=at + "audience",
+            code="invalid_audience",
         )
     if task_id is not None:
-        raise ValidationFailed("task audiences are not supported by this version", field=at + "task_id",
-                               code="invalid_audience")
+        raise ValidationFailed(
+            "task audiences are not supported by this version", field=at + "task_id", code="invalid_audience"
+        )
 
     sensitive = raw.get("sensitive", False)
     if not isinstance(sensitive, bool):
@@ -335,12 +355,14 @@ def _opt_id(raw: Mapping[str, Any], name: str, at: str) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _ID_VALUE.match(value):
-        raise ValidationFailed("must be a non-empty string of printable characters (at most 200)",
-                               field=at + name)
+        raise ValidationFailed(
+            "must be a non-empty string of printable characters (at most 200)", field=at + name
+        )
     return value
 
 
 # --- type filters (the stream's and the poll's ``types=``) --------------------------------------
+
 
 class TypeFilter:
     """Comma-separated globs such as ``task.*,content.novel-created``; answers are cached per type."""
@@ -361,8 +383,9 @@ class TypeFilter:
         patterns = [p.strip() for p in text.split(",") if p.strip()]
         for p in patterns:
             if not _TYPE_GLOB.match(p):
-                raise ValidationFailed(f"'{p}' is not a type or glob of letters, digits, '.', '-', '_', '*'",
-                                       field="types")
+                raise ValidationFailed(
+                    f"'{p}' is not a type or glob of letters, digits, '.', '-', '_', '*'", field="types"
+                )
         return cls(patterns)
 
     def __call__(self, type_: str) -> bool:

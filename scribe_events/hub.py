@@ -11,6 +11,7 @@ Last-Event-ID, so nothing is lost) instead of growing memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -114,8 +115,13 @@ class Hub:
         self._by_user.setdefault(conn.user_id, set()).add(conn)
         if conn.session_id is not None:
             self._by_session.setdefault((conn.user_id, conn.session_id), set()).add(conn)
-        log.info("connection %s opened user=%s session=%s remote=%s", conn.id, conn.user_id,
-                 conn.session_id, conn.remote)
+        log.info(
+            "connection %s opened user=%s session=%s remote=%s",
+            conn.id,
+            conn.user_id,
+            conn.session_id,
+            conn.remote,
+        )
 
     def remove(self, conn: Connection, reason: str) -> None:
         """Forget a connection (idempotent) and log why it ended."""
@@ -125,8 +131,13 @@ class Hub:
         _discard(self._by_user, conn.user_id, conn)
         if conn.session_id is not None:
             _discard(self._by_session, (conn.user_id, conn.session_id), conn)
-        log.info("connection %s closed user=%s reason=%s age=%.1fs", conn.id, conn.user_id,
-                 conn.closed_reason, time.time() - conn.connected_at)
+        log.info(
+            "connection %s closed user=%s reason=%s age=%.1fs",
+            conn.id,
+            conn.user_id,
+            conn.closed_reason,
+            time.time() - conn.connected_at,
+        )
 
     def __len__(self) -> int:
         return len(self.connections)
@@ -182,8 +193,13 @@ class Hub:
             return
         conn.closed_reason = reason
         self.cut_off += 1
-        log.warning("connection %s cut off user=%s reason=%s buffered=%d", conn.id, conn.user_id, reason,
-                    _safe_size(conn))
+        log.warning(
+            "connection %s cut off user=%s reason=%s buffered=%d",
+            conn.id,
+            conn.user_id,
+            reason,
+            _safe_size(conn),
+        )
         for hook in self.on_cut:
             hook(conn, reason)
         self.remove(conn, reason)
@@ -240,10 +256,8 @@ class Hub:
             self._heartbeat = None
         for conn in list(self.connections.values()):
             conn.closed_reason = "shutdown"
-            try:
+            with contextlib.suppress(Exception):
                 conn.write(sse.CHUNK_END)
-            except Exception:
-                pass
             conn.sink.close()
             self.remove(conn, "shutdown")
 

@@ -20,8 +20,8 @@ from scribe_events.auth import Principal
 from scribe_events.broker import Broker
 from scribe_events.config import Settings
 from scribe_events.events import Event, TypeFilter, dumps
+from scribe_events.exceptions import BadRequest, Conflict, StoreUnavailable, ValidationFailed
 from scribe_events.hub import Hub
-from scribe_events.exceptions import BadRequest, Conflict, StoreUnavailable
 from scribe_events.store import EventStore, IdempotencyRecord
 
 log = logging.getLogger("scribe_events.service")
@@ -109,8 +109,9 @@ class Publisher:
             _settle(job.future, result=[e.wire_id for e in job.events])
 
 
-def _settle(fut: asyncio.Future[list[str]], *, result: list[str] | None = None,
-            exc: BaseException | None = None) -> None:
+def _settle(
+    fut: asyncio.Future[list[str]], *, result: list[str] | None = None, exc: BaseException | None = None
+) -> None:
     if fut.done():
         return
     if exc is not None:
@@ -152,8 +153,21 @@ class EventService:
     push_mode: PushMode = field(default_factory=PushMode)
     _inflight: dict[tuple[str, str], tuple[str, asyncio.Future[list[str]]]] = field(default_factory=dict)
 
-    async def publish(self, principal: Principal, events: list[Event], *, idempotency_key: str | None = None,
-                      request_hash: str = "") -> list[str]:
+    async def publish(
+        self,
+        principal: Principal,
+        events: list[Event],
+        *,
+        idempotency_key: str | None = None,
+        request_hash: str = "",
+    ) -> list[str]:
+        if any(e.sensitive for e in events):
+            # Encryption at rest (R7.7) is not built yet: never store a sensitive payload in clear.
+            raise ValidationFailed(
+                "sensitive events need encryption at rest, which is not configured",
+                field="sensitive",
+                code="encryption_not_configured",
+            )
         if idempotency_key is None:
             return await self.publisher.submit(events)
         slot = (principal.user_id, idempotency_key)
@@ -186,12 +200,20 @@ class EventService:
         head = await self.store.head()
         if after is None or after > head or after < await self.store.purged_through():
             oldest = await self.store.oldest()
-            return ResumePlan(None, {"last_event_id": last_event_id,
-                                     "oldest_available": None if oldest is None else str(oldest)})
+            return ResumePlan(
+                None,
+                {"last_event_id": last_event_id, "oldest_available": None if oldest is None else str(oldest)},
+            )
         return ResumePlan(after)
 
-    async def poll(self, principal: Principal, session_id: str | None, after: str | None, limit: int,
-                   types: TypeFilter | None) -> dict[str, Any]:
+    async def poll(
+        self,
+        principal: Principal,
+        session_id: str | None,
+        after: str | None,
+        limit: int,
+        types: TypeFilter | None,
+    ) -> dict[str, Any]:
         mode = self.push_mode.for_user(principal.user_id)
         body: dict[str, Any] = {"events": [], "mode": mode, "poll_interval_s": self.settings.poll_interval_s}
         head = await self.store.head()
@@ -205,8 +227,9 @@ class EventService:
             body["last_id"] = str(head)
             body["truncated"] = True
             return body
-        found = await self.store.read(after=after_id, user_id=principal.user_id, session_id=session_id,
-                                      limit=limit, types=types)
+        found = await self.store.read(
+            after=after_id, user_id=principal.user_id, session_id=session_id, limit=limit, types=types
+        )
         body["events"] = [_Raw(e.envelope()) for e in found]
         if len(found) == limit:
             body["last_id"] = found[-1].wire_id
@@ -221,9 +244,12 @@ class EventService:
         if not users:
             return
         events = [
-            Event("system.push-mode", dumps({"mode": self.push_mode.for_user(u),
-                                             "poll_interval_s": self.settings.poll_interval_s}),
-                  user_id=u, persist=False)
+            Event(
+                "system.push-mode",
+                dumps({"mode": self.push_mode.for_user(u), "poll_interval_s": self.settings.poll_interval_s}),
+                user_id=u,
+                persist=False,
+            )
             for u in users
         ]
         await self.publisher.submit(events)
@@ -270,5 +296,6 @@ def request_fingerprint(body: bytes) -> str:
 
 def _check_same(stored_hash: str, request_hash: str) -> None:
     if stored_hash != request_hash:
-        raise Conflict("this Idempotency-Key was used with a different request body",
-                       code="idempotency_key_reused")
+        raise Conflict(
+            "this Idempotency-Key was used with a different request body", code="idempotency_key_reused"
+        )

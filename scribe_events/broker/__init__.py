@@ -11,5 +11,7 @@ __all__ = ["Broker", "DeliverySink", "MemoryBroker", "make_broker"]
 
 def make_broker(settings: Settings) -> Broker:
     if settings.redis_url:
-        raise NotImplementedError("the Redis broker is not part of this version; unset SCRIBE_EVENTS_REDIS_URL")
+        raise NotImplementedError(
+            "the Redis broker is not part of this version; unset SCRIBE_EVENTS_REDIS_URL"
+        )
     return MemoryBroker(settings.instance_id)

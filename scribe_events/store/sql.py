@@ -149,8 +149,13 @@ class SQLEventStore(EventStore):
                     await conn.execute(
                         sa.insert(idempotency_table),
                         [
-                            {"owner": r.owner, "key": r.key, "request_hash": r.request_hash,
-                             "ids": json.dumps([e.wire_id for e in evs]), "created_ms": now_ms()}
+                            {
+                                "owner": r.owner,
+                                "key": r.key,
+                                "request_hash": r.request_hash,
+                                "ids": json.dumps([e.wire_id for e in evs]),
+                                "created_ms": now_ms(),
+                            }
                             for r, evs in idempotency
                         ],
                     )
@@ -169,8 +174,10 @@ class SQLEventStore(EventStore):
         types: TypeFilter | None = None,
     ) -> list[Event]:
         t = events_table.c
-        session_ok = t.session_id.is_(None) if session_id is None else sa.or_(
-            t.session_id.is_(None), t.session_id == session_id
+        session_ok = (
+            t.session_id.is_(None)
+            if session_id is None
+            else sa.or_(t.session_id.is_(None), t.session_id == session_id)
         )
         where = [t.id > after, sa.or_(t.broadcast.is_(True), sa.and_(t.user_id == user_id, session_ok))]
         if types is not None:
@@ -182,8 +189,17 @@ class SQLEventStore(EventStore):
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(f"the store could not be read: {type(exc).__name__}") from exc
         return [
-            Event(r.type, r.data, id=r.id, time_ms=r.time_ms, user_id=r.user_id, session_id=r.session_id,
-                  broadcast=r.broadcast, task_id=r.task_id, novel_id=r.novel_id)
+            Event(
+                r.type,
+                r.data,
+                id=r.id,
+                time_ms=r.time_ms,
+                user_id=r.user_id,
+                session_id=r.session_id,
+                broadcast=r.broadcast,
+                task_id=r.task_id,
+                novel_id=r.novel_id,
+            )
             for r in rows
         ]
 
@@ -211,9 +227,7 @@ class SQLEventStore(EventStore):
         try:
             async with self._engine.connect() as conn:
                 row = (
-                    await conn.execute(
-                        sa.select(t.request_hash, t.ids).where(t.owner == owner, t.key == key)
-                    )
+                    await conn.execute(sa.select(t.request_hash, t.ids).where(t.owner == owner, t.key == key))
                 ).first()
         except (SQLAlchemyError, OSError) as exc:
             raise StoreUnavailable(f"the store could not be read: {type(exc).__name__}") from exc

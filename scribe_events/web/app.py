@@ -54,7 +54,7 @@ class ScribeApp:
             title="scribe-events",
             version=__version__,
             description="Real-time events for InfiniteScribe over Server-Sent Events. "
-            "Errors are `{\"error\": {\"code\", \"message\"}}`.",
+            'Errors are `{"error": {"code", "message"}}`.',
             lifespan=self._lifespan,
         )
         self.api.state.owner = self
@@ -72,18 +72,13 @@ class ScribeApp:
     def _limited(self, scope: dict[str, Any], receive: Any) -> Any:
         """Refuse request bodies over ``max_request_bytes`` (413), declared or streamed."""
         limit = self.settings.max_request_bytes
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                too_big = PayloadTooLarge(f"the request body is over {limit} bytes")
-
-                async def refuse() -> Any:
-                    raise too_big
-
-                return refuse
+        declared = next((int(v) for n, v in scope["headers"] if n == b"content-length" and v.isdigit()), 0)
         seen = 0
 
         async def counted() -> Any:
             nonlocal seen
+            if declared > limit:
+                raise PayloadTooLarge(f"the request body is over {limit} bytes")
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
@@ -99,9 +94,14 @@ class ScribeApp:
         store = make_store(settings)
         await store.start()
         broker = make_broker(settings)
-        hub = Hub(instance=settings.instance_id, heartbeat_s=settings.heartbeat_s,
-                  max_buffer=settings.max_connection_buffer)
-        publisher = Publisher(store, broker, queue_max=settings.publish_queue, batch_max=settings.publish_batch)
+        hub = Hub(
+            instance=settings.instance_id,
+            heartbeat_s=settings.heartbeat_s,
+            max_buffer=settings.max_connection_buffer,
+        )
+        publisher = Publisher(
+            store, broker, queue_max=settings.publish_queue, batch_max=settings.publish_batch
+        )
         try:
             await broker.start(hub.dispatch)
             hub.start()
@@ -121,8 +121,12 @@ class ScribeApp:
                 # Long-lived start-up objects leave the collector's view, so full collections stay short.
                 gc.collect()
                 gc.freeze()
-            log.info("scribe-events ready instance=%s store=%s broker=%s", settings.instance_id,
-                     store.describe(), broker.name)
+            log.info(
+                "scribe-events ready instance=%s store=%s broker=%s",
+                settings.instance_id,
+                store.describe(),
+                broker.name,
+            )
             yield
         finally:
             await hub.close()

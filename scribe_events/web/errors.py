@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,8 +16,15 @@ from scribe_events.exceptions import ScribeEventsError
 
 log = logging.getLogger("scribe_events.web")
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "bad_request", 401: "unauthorized",
-               403: "forbidden", 413: "payload_too_large", 429: "rate_limited"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    413: "payload_too_large",
+    429: "rate_limited",
+}
 
 
 def error_response(exc: ScribeEventsError) -> JSONResponse:
@@ -27,7 +35,9 @@ def _body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-async def send_error(send: Any, exc: ScribeEventsError, extra_headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
+async def send_error(
+    send: Any, exc: ScribeEventsError, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+) -> None:
     """Answer a raw ASGI request with the contract's error (used by the stream route)."""
     body = json.dumps(exc.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
@@ -57,11 +67,13 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "error")
-        return JSONResponse(_body(code, str(exc.detail)), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            _body(code, str(exc.detail)), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error", exc_info=exc)
-        return JSONResponse(_body("internal_error", "an unexpected error occurred; it has been logged"),
-                            status_code=500)
+        return JSONResponse(
+            _body("internal_error", "an unexpected error occurred; it has been logged"), status_code=500
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
@@ -26,7 +27,9 @@ from scribe_events.web.app_state import runtime_of
 
 _KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
 _ERROR = {"content": {"application/json": {"example": {"error": {"code": "invalid_token", "message": "…"}}}}}
-_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {401: {"description": "missing, bad or expired token", **_ERROR}}
+_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "missing, bad or expired token", **_ERROR}
+}
 
 
 async def authenticate(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
@@ -73,8 +76,11 @@ _PUBLISH_BODY = {
                 "schema": {
                     "oneOf": [
                         _EVENT_SCHEMA,
-                        {"type": "object", "required": ["events"],
-                         "properties": {"events": {"type": "array", "items": _EVENT_SCHEMA}}},
+                        {
+                            "type": "object",
+                            "required": ["events"],
+                            "properties": {"events": {"type": "array", "items": _EVENT_SCHEMA}},
+                        },
                     ]
                 }
             }
@@ -129,11 +135,14 @@ async def publish(
     principal.require(ROLE_PUBLISHER, ROLE_ADMIN)
     rt = runtime_of(request)
     if idempotency_key is not None and not _KEY.match(idempotency_key):
-        raise BadRequest("Idempotency-Key must be 1-200 visible ASCII characters", code="invalid_idempotency_key")
+        raise BadRequest(
+            "Idempotency-Key must be 1-200 visible ASCII characters", code="invalid_idempotency_key"
+        )
     body = await request.body()
     events = parse_body(body, rt.settings.max_event_bytes, rt.settings.max_batch_events)
-    ids = await rt.service.publish(principal, events, idempotency_key=idempotency_key,
-                                   request_hash=request_fingerprint(body))
+    ids = await rt.service.publish(
+        principal, events, idempotency_key=idempotency_key, request_hash=request_fingerprint(body)
+    )
     return PublishedOut(ids=ids)
 
 
@@ -150,7 +159,9 @@ def parse_body(body: bytes, max_event_bytes: int, max_batch: int) -> list[Event]
         if not isinstance(items, list) or not items:
             raise ValidationFailed("must be a non-empty list of events", field="events")
         if len(items) > max_batch:
-            raise ValidationFailed(f"holds {len(items)} events; at most {max_batch} per request", field="events")
+            raise ValidationFailed(
+                f"holds {len(items)} events; at most {max_batch} per request", field="events"
+            )
         return [parse_publish(item, max_event_bytes=max_event_bytes, index=i) for i, item in enumerate(items)]
     return [parse_publish(payload, max_event_bytes=max_event_bytes)]
 
@@ -168,8 +179,9 @@ async def poll(
     if principal.session_id is not None and session_id not in (None, principal.session_id):
         raise Forbidden("the token is bound to another session", code="session_mismatch")
     rt = runtime_of(request)
-    body = await rt.service.poll(principal, session_id or principal.session_id, after, limit,
-                                 TypeFilter.parse(types))
+    body = await rt.service.poll(
+        principal, session_id or principal.session_id, after, limit, TypeFilter.parse(types)
+    )
     return Response(dump_with_raw(body), media_type="application/json")
 
 
@@ -218,19 +230,7 @@ async def health_ready(request: Request) -> JSONResponse:
 
 @router.get("/", include_in_schema=False)
 async def index() -> HTMLResponse:
-    return HTMLResponse(_INDEX)
-
-
-_INDEX = """<!doctype html><meta charset="utf-8"><title>scribe-events</title>
-<style>body{font:16px/1.5 system-ui;margin:3em auto;max-width:46em;padding:0 1em}code{background:#f3f3f3}</style>
-<h1>scribe-events is running</h1>
-<p>Server-Sent Events for InfiniteScribe. The stream is <code>GET /api/v1/events/stream</code>
-(Bearer token, or <code>?ticket=</code> from <code>POST /api/v1/events/tickets</code>).</p>
-<ul><li><a href="/docs">API documentation</a></li><li><a href="/health">health</a></li></ul>
-<p>Try it: <code>scribe-events tail --user demo</code> in one terminal and
-<code>scribe-events publish system.notification --user demo --data '{"level":"info","title":"Hi","message":"It works"}'</code>
-in another.</p>
-"""
+    return HTMLResponse((Path(__file__).parent.parent / "static" / "index.html").read_text())
 
 
 def install(app: FastAPI) -> None:

@@ -11,7 +11,10 @@ from scribe_events import sse
 
 
 class AsgiSink:
-    """Looks like a transport to the hub: ``write`` queues bytes, a task sends them, size is bounded by the hub."""
+    """Looks like a transport to the hub: ``write`` queues bytes and a task sends them.
+
+    The hub bounds the queued size exactly as it bounds a socket's write buffer.
+    """
 
     def __init__(self, send: Any) -> None:
         self._send = send
@@ -53,7 +56,9 @@ class AsgiSink:
                 data = self._queue.popleft()
                 self._size -= len(data)
                 if data != sse.CHUNK_END:
-                    await self._send({"type": "http.response.body", "body": sse.unchunk(data), "more_body": True})
+                    await self._send(
+                        {"type": "http.response.body", "body": sse.unchunk(data), "more_body": True}
+                    )
             if self._closing:
                 if not self._aborted:
                     await self._send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -47,8 +47,11 @@ def cors_headers(runtime: Runtime, origin: bytes | None) -> list[tuple[bytes, by
     allowed = runtime.settings.cors_origins
     text = origin.decode("latin-1")
     if "*" in allowed or text in allowed:
-        return [(b"access-control-allow-origin", origin), (b"access-control-allow-credentials", b"true"),
-                (b"vary", b"Origin")]
+        return [
+            (b"access-control-allow-origin", origin),
+            (b"access-control-allow-credentials", b"true"),
+            (b"vary", b"Origin"),
+        ]
     return []
 
 
@@ -77,16 +80,18 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
         await send_error(send, exc, cors)
         return None
 
-    await send({
-        "type": "http.response.start",
-        "status": 200,
-        "headers": [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),
-            *cors,
-        ],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [
+                (b"content-type", b"text/event-stream; charset=utf-8"),
+                (b"cache-control", b"no-cache"),
+                (b"x-accel-buffering", b"no"),
+                *cors,
+            ],
+        }
+    )
     transport = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
     sink: Sink = transport if transport is not None else AsgiSink(send)
     hub = runtime.hub
@@ -98,7 +103,9 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
         "heartbeat_interval_s": runtime.settings.heartbeat_s,
         "resumed_from": last_id,
     }
-    first = [sse.chunk(sse.frame(dumps(hello), event="connection.established", retry=runtime.settings.retry_ms))]
+    first = [
+        sse.chunk(sse.frame(dumps(hello), event="connection.established", retry=runtime.settings.retry_ms))
+    ]
     if plan.truncated is not None:
         first.append(sse.chunk(sse.frame(dumps(plan.truncated), event="replay.truncated")))
     hub.add(conn)
@@ -111,11 +118,15 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
     return conn
 
 
-async def _accept(runtime: Runtime, scope: dict[str, Any], headers: dict[bytes, bytes]) -> tuple[dict[str, Any], Any, str | None]:
+async def _accept(
+    runtime: Runtime, scope: dict[str, Any], headers: dict[bytes, bytes]
+) -> tuple[dict[str, Any], Any, str | None]:
     """Check everything about the request before the 200 goes out."""
     if runtime.hub.closing:
         raise StoreUnavailable("the server is shutting down", code="shutting_down")
-    query = {k: v[0] for k, v in parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True).items()}
+    query = {
+        k: v[0] for k, v in parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True).items()
+    }
     if "token" in query or "access_token" in query:
         raise BadRequest("tokens are not accepted in the query string; use a ticket", code="token_in_query")
     ticket = query.get("ticket")
@@ -151,8 +162,9 @@ async def _replay(runtime: Runtime, conn: Connection, after: int) -> None:
     sent = after
     while conn.id in hub.connections:
         try:
-            batch = await store.read(after=sent, user_id=conn.user_id, session_id=conn.session_id,
-                                     limit=page, types=conn.types)
+            batch = await store.read(
+                after=sent, user_id=conn.user_id, session_id=conn.session_id, limit=page, types=conn.types
+            )
         except StoreUnavailable as exc:
             log.error("replay for %s failed: %s", conn.id, exc)
             hub.cut(conn, "store_unavailable")

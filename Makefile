@@ -1,0 +1,40 @@
+# One task runner for people and CI. Everything runs from a local virtualenv (.venv).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test check lint typecheck format bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)          ## create .venv and install scribe-events with its dev tools
+
+serve: $(STAMP)            ## run the service on the embedded defaults (SQLite, in-process broker)
+	$(BIN)/scribe-events serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check scribe_events cli tests
+	$(BIN)/ruff format --check scribe_events cli tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff format scribe_events cli tests
+	$(BIN)/ruff check --fix scribe_events cli tests
+
+test: $(STAMP)             ## lint, type-check and run the whole test suite
+	$(MAKE) lint typecheck
+	$(BIN)/pytest
+
+bench: $(STAMP)            ## ssebench S1 (broadcast) and S3 (idle memory); see benchmarks/README.md
+	benchmarks/ssebench.sh s1 50
+	benchmarks/ssebench.sh s3 10000
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,3 @@
+from scribe_events_cli.main import main
+
+main()
