@@ -160,7 +160,7 @@ def rfc3339(ms: int) -> str:
 
 def dumps(value: Any) -> str:
     """Compact JSON, UTF-8 friendly. The output never holds a raw CR or LF."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 # Live-only ids: unique per process run, never confused with stored ids (which are integers).

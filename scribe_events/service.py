@@ -41,7 +41,7 @@ class Publisher:
         self.store = store
         self.broker = broker
         self.batch_max = batch_max
-        self._queue: asyncio.Queue[_Job] = asyncio.Queue(maxsize=queue_max)
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=queue_max)
         self._task: asyncio.Task[None] | None = None
         self.batches = 0
         self.stored = 0
@@ -50,20 +50,17 @@ class Publisher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="scribe-publisher")
 
     async def close(self) -> None:
-        """Finish what was accepted, then stop."""
+        """Stop taking events, finish every one already accepted, then stop."""
         if self._task is None:
             return
-        while not self._queue.empty():
-            await asyncio.sleep(0.01)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        task, self._task = self._task, None
+        await self._queue.put(None)
+        await task
 
     async def submit(self, events: list[Event], claim: IdempotencyRecord | None = None) -> list[str]:
         """Queue events; returns their ids once stored (if important) and handed to the broker."""
         if self._task is None:
-            raise StoreUnavailable("the service is not accepting events")
+            raise StoreUnavailable("the service is not accepting events", code="not_ready")
         job = _Job(events, claim, asyncio.get_running_loop().create_future())
         try:
             self._queue.put_nowait(job)
@@ -75,13 +72,27 @@ class Publisher:
     async def _run(self) -> None:
         queue = self._queue
         while True:
-            jobs = [await queue.get()]
-            size = len(jobs[0].events)
+            first = await queue.get()
+            if first is None:
+                return
+            jobs = [first]
+            size = len(first.events)
+            stop = False
             while size < self.batch_max and not queue.empty():
                 job = queue.get_nowait()
+                if job is None:
+                    stop = True
+                    break
                 jobs.append(job)
                 size += len(job.events)
-            await self._commit(jobs)
+            try:
+                await self._commit(jobs)
+            except Exception as exc:  # a bug must not stop publishing for good
+                log.exception("publishing a batch failed")
+                for job in jobs:
+                    _settle(job.future, exc=StoreUnavailable(f"publishing failed: {type(exc).__name__}"))
+            if stop:
+                return
 
     async def _commit(self, jobs: list[_Job]) -> None:
         events = [e for job in jobs for e in job.events]

@@ -173,3 +173,27 @@ def test_cli_help_lists_commands() -> None:
     )
     for command in ("serve", "token", "publish", "tail"):
         assert command in out.stdout
+
+
+def test_cli_serve_sigterm_ends_streams_cleanly(tmp_path: Path) -> None:
+    from tests.harness import SECRET, RawStream
+
+    server = ProcessServer(tmp_path, env={"SCRIBE_EVENTS_JWT_SECRET": SECRET}).start()
+    from scribe_events.auth import mint_token
+
+    stream = RawStream(
+        server.port, "/api/v1/events/stream", {"Authorization": f"Bearer {mint_token(SECRET, 'u')}"}
+    )
+    try:
+        stream.read_count(1, event="connection.established")
+        started = time.monotonic()
+        code = server.stop(sig=15)
+        stream.wait_closed(timeout=5)
+        assert code in (0, -15)  # uvicorn re-raises the signal after its graceful shutdown
+        assert "Application shutdown complete" in server.text()
+        assert stream.ended
+        assert time.monotonic() - started < 4
+        assert "reason=shutdown" in server.text()
+    finally:
+        stream.close()
+        server.close()

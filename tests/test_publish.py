@@ -199,3 +199,8 @@ def test_progress_updates_keep_only_the_latest_per_task(server: ThreadServer) ->
     events = poll.json()["events"]
     assert [e["data"]["progress"] for e in events] == [90]
     assert events[0]["task_id"] == "t1"
+
+
+def test_publish_nan_is_refused_not_sent_as_invalid_json(server: ThreadServer) -> None:
+    r = _post(server, b'{"type": "custom.a", "user_id": "u", "data": {"x": NaN}}')
+    _error(r, 422, "validation_error")

@@ -183,3 +183,56 @@ def test_slow_client_is_cut_off_while_others_keep_receiving(make_server: MakeSer
     finally:
         slow.close()
         fast.close()
+
+
+def test_disconnect_is_logged_with_its_reason(server: ThreadServer, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level("INFO", logger="scribe_events.hub")
+    s = server.stream("alice")
+    hello = s.read_count(1, event="connection.established")[0].json()
+    s.close()
+    wait_for(lambda: server.connections() == 0, timeout=1.0)
+    closed = [r.getMessage() for r in caplog.records if "closed" in r.getMessage()]
+    assert any(hello["connection_id"] in m and "reason=client_closed" in m for m in closed), closed
+
+
+def test_each_event_is_encoded_once_for_all_connections(server: ThreadServer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from scribe_events import events
+
+    calls: list[str | None] = []
+    real = events.sse.frame
+
+    def counting(data: str, **kw):  # type: ignore[no-untyped-def]
+        calls.append(kw.get("event"))
+        return real(data, **kw)
+
+    streams = [server.stream(f"user{i}") for i in range(5)]
+    try:
+        _ready(*streams)
+        monkeypatch.setattr(events.sse, "frame", counting)
+        server.publish_ok({"type": "custom.everyone", "broadcast": True})
+        for s in streams:
+            s.read_count(1)
+        assert calls.count("custom.everyone") == 1
+    finally:
+        for s in streams:
+            s.close()
+
+
+def test_stream_cors_for_allowed_origin_only(make_server: MakeServer) -> None:
+    server = make_server(cors_origins=["https://app.example"])
+    with server.stream("alice", headers={"Origin": "https://app.example"}) as s:
+        assert s.headers["access-control-allow-origin"] == "https://app.example"
+    with server.stream("alice", headers={"Origin": "https://evil.example"}) as s:
+        assert "access-control-allow-origin" not in s.headers
+    import httpx
+
+    pre = httpx.options(
+        server.url + "/api/v1/events/stream",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        },
+    )
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "https://app.example"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from scribe_events import __version__
 from scribe_events.auth import MemoryTickets, TokenVerifier
@@ -58,6 +59,15 @@ class ScribeApp:
             lifespan=self._lifespan,
         )
         self.api.state.owner = self
+        if settings.cors_origins:
+            # The stream answers CORS itself (it bypasses this stack); preflights come through here.
+            self.api.add_middleware(
+                CORSMiddleware,
+                allow_origins=settings.cors_origins,
+                allow_credentials=True,
+                allow_methods=["GET", "POST", "PUT", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            )
         errors.install(self.api)
         routes.install(self.api)
 
