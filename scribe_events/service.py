@@ -9,7 +9,6 @@ one transaction; many concurrent events share one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import zlib
