@@ -37,6 +37,10 @@ class Settings(BaseSettings):
 
     environment: Literal["development", "production"] = "development"
     database_url: str = DEFAULT_DATABASE_URL
+    # PostgreSQL schema to use (its search_path); unset: the server's default.
+    database_schema: str | None = Field(None, pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    # Run migrations at start-up. Unset: only on SQLite (PostgreSQL: `scribe-events db upgrade`).
+    auto_migrate: bool | None = None
     redis_url: str | None = None
 
     jwt_secret: str | None = None
@@ -50,6 +54,11 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(30.0, gt=0)
     retry_ms: int = Field(3000, ge=0)
     retention_days: int = Field(7, ge=1)
+    # Purge earlier than retention_days when the events take more than this (0: no size limit).
+    max_store_mb: int = Field(0, ge=0)
+    retention_interval_s: float = Field(3600.0, gt=0)
+    # Comma-separated AES-256 keys (URL-safe base64); the first encrypts, all decrypt (R7.7).
+    encryption_keys: str | None = None
     cors_origins: list[str] = Field(default_factory=list)
 
     max_event_bytes: int = 64 * 1024
@@ -75,6 +84,8 @@ class Settings(BaseSettings):
     access_log: bool = True
     # Freeze start-up objects out of the garbage collector's view (shorter full collections).
     gc_freeze: bool = True
+    # Fault injection for the test suite (e.g. "kill_after_commit"); never set in production.
+    faults: list[str] = Field(default_factory=list)
 
     @classmethod
     def settings_customise_sources(

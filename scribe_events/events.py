@@ -178,6 +178,7 @@ class Event:
         "novel_id",
         "persist",
         "replace_key",
+        "resend",
         "sensitive",
         "session_id",
         "task_id",
@@ -215,6 +216,9 @@ class Event:
         self.time_ms = now_ms() if time_ms is None else time_ms
         self.id = id
         self.live_id: str | None = None
+        # A stored event sent again (resend): its envelope keeps its id, but no ``id:`` line, so
+        # it never moves a client's Last-Event-ID backwards; clients de-duplicate by envelope id.
+        self.resend = False
 
     @property
     def wire_id(self) -> str:
@@ -249,8 +253,9 @@ class Event:
     def delivery(self) -> Delivery:
         """Encode once for this instance. Live-only events carry no ``id:`` line (nothing to resume)."""
         env = self.envelope()
-        frame = sse.frame(env, event=self.type, id=None if self.id is None else self.wire_id)
-        return Delivery(self, self.wire_id, env, sse.chunk(frame))
+        ordered = self.id is not None and not self.resend
+        frame = sse.frame(env, event=self.type, id=self.wire_id if ordered else None)
+        return Delivery(self, self.wire_id, env, sse.chunk(frame), ordered)
 
 
 class Delivery:
@@ -258,10 +263,10 @@ class Delivery:
 
     __slots__ = ("broadcast", "chunk", "envelope", "event", "id", "seq", "session_id", "type", "user_id")
 
-    def __init__(self, event: Event, id: str, envelope: str, chunk: bytes) -> None:
+    def __init__(self, event: Event, id: str, envelope: str, chunk: bytes, ordered: bool) -> None:
         self.event = event
         self.id = id
-        self.seq = event.id  # int for stored events, None for live-only ones
+        self.seq = event.id if ordered else None  # the stored id; None for live-only and resent events
         self.type = event.type
         self.user_id = event.user_id
         self.session_id = event.session_id

@@ -44,6 +44,7 @@ class Connection:
         "buffer_size",
         "closed_reason",
         "connected_at",
+        "flushed_seq",
         "id",
         "pending",
         "remote",
@@ -75,6 +76,9 @@ class Connection:
         self.write: Callable[[bytes], Any] = sink.write
         self.buffer_size: Callable[[], int] = sink.get_write_buffer_size
         self.pending: list[Delivery] | None = [] if replaying else None
+        # The last stored event known to have left the write buffer (set by the hub). If the
+        # connection is cut, the events after it are the ones recorded as failed deliveries.
+        self.flushed_seq = 0
         self.connected_at = time.time()
         self.remote = remote
         self.user_agent = user_agent
@@ -105,12 +109,15 @@ class Hub:
         self.on_cut: list[FailureHook] = []
         self.delivered = 0
         self.cut_off = 0
+        self.last_seq = 0  # the newest stored event dispatched
         self._heartbeat: asyncio.Task[None] | None = None
         self.closing = False
 
     # -- membership ------------------------------------------------------------------------------
 
-    def add(self, conn: Connection) -> None:
+    def add(self, conn: Connection, *, from_seq: int | None = None) -> None:
+        """Register a connection; ``from_seq`` is where a resuming one replays from."""
+        conn.flushed_seq = self.last_seq if from_seq is None else from_seq
         self.connections[conn.id] = conn
         self._by_user.setdefault(conn.user_id, set()).add(conn)
         if conn.session_id is not None:
@@ -164,6 +171,7 @@ class Hub:
                 targets = self._by_user.get(d.user_id, EMPTY)  # type: ignore[arg-type]
             chunk = d.chunk
             type_ = d.type
+            seq = d.seq
             for c in targets:
                 if c.types is not None and not c.types(type_):
                     continue
@@ -175,13 +183,18 @@ class Hub:
                     continue
                 try:
                     c.write(chunk)
-                    if c.buffer_size() > limit:
-                        troubled = troubled or []
-                        troubled.append((c, "slow_client"))
+                    if c.buffer_size():
+                        if c.buffer_size() > limit:
+                            troubled = troubled or []
+                            troubled.append((c, "slow_client"))
+                    elif seq is not None:
+                        c.flushed_seq = seq
                 except Exception:  # a transport that is already closing
                     troubled = troubled or []
                     troubled.append((c, "write_error"))
                 delivered += 1
+            if seq is not None:
+                self.last_seq = seq
         self.delivered += delivered
         if troubled:
             for c, reason in troubled:
@@ -205,26 +218,32 @@ class Hub:
         self.remove(conn, reason)
         conn.sink.abort()
 
-    def write_direct(self, conn: Connection, chunks: Iterable[bytes]) -> bool:
-        """Write chunks to one connection outside :meth:`dispatch` (replay); False if it was cut."""
+    def write_direct(self, conn: Connection, chunks: Iterable[bytes], seq: int | None = None) -> bool:
+        """Write chunks to one connection outside :meth:`dispatch` (greeting, replay, heartbeat).
+
+        ``seq`` is the newest stored event among them. Returns False if the connection was cut.
+        """
         try:
             for chunk in chunks:
                 conn.write(chunk)
         except Exception:
             self.cut(conn, "write_error")
             return False
-        if conn.buffer_size() > self.max_buffer:
+        size = conn.buffer_size()
+        if size > self.max_buffer:
             self.cut(conn, "slow_client")
             return False
+        if not size and seq is not None:
+            conn.flushed_seq = seq
         return True
 
     def go_live(self, conn: Connection, after_seq: int) -> None:
         """End a replay: send what arrived meanwhile (skipping what the replay already sent)."""
         pending, conn.pending = conn.pending or [], None
-        chunks = [d.chunk for d in pending if d.seq is None or d.seq > after_seq]
-        if chunks:
-            self.delivered += len(chunks)
-            self.write_direct(conn, chunks)
+        fresh = [d for d in pending if d.seq is None or d.seq > after_seq]
+        if fresh:
+            self.delivered += len(fresh)
+            self.write_direct(conn, [d.chunk for d in fresh], max((d.seq or 0 for d in fresh), default=None))
 
     # -- heartbeat and shutdown ------------------------------------------------------------------
 

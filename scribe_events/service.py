@@ -1,10 +1,5 @@
-"""The service: publishing (store, then fan out, in commit order), replay planning, polling, push mode.
-
-Publishing goes through one group-commit loop per instance (:class:`Publisher`): requests queue up
-(bounded), the loop takes everything waiting, stores the important events in one transaction, hands
-the whole batch to the broker in id order, and only then answers the publishers. A lone event pays
-one transaction; many concurrent events share one.
-"""
+"""The service: publishing with idempotency, resume planning, polling, push mode, failed deliveries
+and their resending, retention. Publishing itself is :mod:`scribe_events.publisher`."""
 
 from __future__ import annotations
 
@@ -12,123 +7,21 @@ import asyncio
 import hashlib
 import logging
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from scribe_events.auth import Principal
 from scribe_events.broker import Broker
 from scribe_events.config import Settings
-from scribe_events.events import Event, TypeFilter, dumps
-from scribe_events.exceptions import BadRequest, Conflict, StoreUnavailable, ValidationFailed
+from scribe_events.events import Event, TypeFilter, dumps, now_ms, rfc3339
+from scribe_events.exceptions import BadRequest, Conflict, ValidationFailed
 from scribe_events.hub import Hub
-from scribe_events.store import EventStore, IdempotencyRecord
+from scribe_events.publisher import Publisher, settle
+from scribe_events.store import EventStore, FailedDelivery, IdempotencyRecord
+from scribe_events.store.retention import cutoff_for
 
 log = logging.getLogger("scribe_events.service")
-
-
-@dataclass(slots=True)
-class _Job:
-    events: list[Event]
-    claim: IdempotencyRecord | None
-    future: asyncio.Future[list[str]]
-
-
-class Publisher:
-    """The group-commit loop: bounded intake, one transaction per batch, ordered fan-out."""
-
-    def __init__(self, store: EventStore, broker: Broker, *, queue_max: int, batch_max: int) -> None:
-        self.store = store
-        self.broker = broker
-        self.batch_max = batch_max
-        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=queue_max)
-        self._task: asyncio.Task[None] | None = None
-        self.batches = 0
-        self.stored = 0
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="scribe-publisher")
-
-    async def close(self) -> None:
-        """Stop taking events, finish every one already accepted, then stop."""
-        if self._task is None:
-            return
-        task, self._task = self._task, None
-        await self._queue.put(None)
-        await task
-
-    async def submit(self, events: list[Event], claim: IdempotencyRecord | None = None) -> list[str]:
-        """Queue events; returns their ids once stored (if important) and handed to the broker."""
-        if self._task is None:
-            raise StoreUnavailable("the service is not accepting events", code="not_ready")
-        job = _Job(events, claim, asyncio.get_running_loop().create_future())
-        try:
-            self._queue.put_nowait(job)
-        except asyncio.QueueFull:
-            raise StoreUnavailable("too many events are waiting to be stored; retry shortly") from None
-        # Shielded: a publisher that hangs up does not cancel work that was accepted.
-        return await asyncio.shield(job.future)
-
-    async def _run(self) -> None:
-        queue = self._queue
-        while True:
-            first = await queue.get()
-            if first is None:
-                return
-            jobs = [first]
-            size = len(first.events)
-            stop = False
-            while size < self.batch_max and not queue.empty():
-                job = queue.get_nowait()
-                if job is None:
-                    stop = True
-                    break
-                jobs.append(job)
-                size += len(job.events)
-            try:
-                await self._commit(jobs)
-            except Exception as exc:  # a bug must not stop publishing for good
-                log.exception("publishing a batch failed")
-                for job in jobs:
-                    _settle(job.future, exc=StoreUnavailable(f"publishing failed: {type(exc).__name__}"))
-            if stop:
-                return
-
-    async def _commit(self, jobs: list[_Job]) -> None:
-        events = [e for job in jobs for e in job.events]
-        important = [e for e in events if e.persist]
-        claims = [(job.claim, job.events) for job in jobs if job.claim is not None]
-        try:
-            if important or claims:
-                await self.store.append(important, claims)
-        except StoreUnavailable as exc:
-            if len(jobs) > 1:  # one bad job must not fail its neighbours
-                for job in jobs:
-                    await self._commit([job])
-                return
-            log.error("store refused %d event(s): %s", len(events), exc)
-            _settle(jobs[0].future, exc=exc)
-            return
-        self.batches += 1
-        self.stored += len(important)
-        try:
-            await self.broker.publish(events)
-        except Exception:
-            # Stored events stay in the store: clients get them on replay and polling.
-            log.exception("broker failed to publish %d event(s)", len(events))
-        for job in jobs:
-            _settle(job.future, result=[e.wire_id for e in job.events])
-
-
-def _settle(
-    fut: asyncio.Future[list[str]], *, result: list[str] | None = None, exc: BaseException | None = None
-) -> None:
-    if fut.done():
-        return
-    if exc is not None:
-        fut.set_exception(exc)
-        fut.exception()  # retrieved here too, so an abandoned future logs nothing
-    else:
-        fut.set_result(result or [])
 
 
 @dataclass(slots=True)
@@ -195,10 +88,10 @@ class EventService:
             else:
                 claim = IdempotencyRecord(principal.user_id, idempotency_key, request_hash, ())
                 ids = await self.publisher.submit(events, claim)
-            _settle(fut, result=ids)
+            settle(fut, result=ids)
             return ids
         except BaseException as exc:
-            _settle(fut, exc=exc)
+            settle(fut, exc=exc)
             raise
         finally:
             self._inflight.pop(slot, None)
@@ -263,6 +156,71 @@ class EventService:
             for u in users
         ]
         await self.publisher.submit(events)
+
+    async def failed(
+        self,
+        *,
+        event_ids: Sequence[int] = (),
+        user_id: str | None = None,
+        since_ms: int | None = None,
+        include_resent: bool = False,
+        limit: int = 1000,
+    ) -> list[FailedDelivery]:
+        return await self.store.failures(
+            ids=event_ids, user_id=user_id, since_ms=since_ms, include_resent=include_resent, limit=limit
+        )
+
+    async def resend(
+        self,
+        *,
+        event_ids: Sequence[int] = (),
+        user_id: str | None = None,
+        since_ms: int | None = None,
+        dry_run: bool = False,
+        limit: int = 1000,
+    ) -> list[FailedDelivery]:
+        """Send failed deliveries again to the connections of their user (and session).
+
+        A resent event keeps its envelope id but has no ``id:`` line (clients de-duplicate by
+        envelope id). Returns what was (or, with ``dry_run``, would be) resent.
+        """
+        failures = await self.failed(event_ids=event_ids, user_id=user_id, since_ms=since_ms, limit=limit)
+        if dry_run or not failures:
+            return failures
+        stored = {e.id: e for e in await self.store.read_ids(sorted({f.event_id for f in failures}))}
+        again, done = [], []
+        for f in failures:
+            original = stored.get(f.event_id)
+            if original is None:
+                continue  # purged meanwhile
+            copy = Event(
+                original.type,
+                original.data_json,
+                user_id=f.user_id,
+                session_id=f.session_id,
+                task_id=original.task_id,
+                novel_id=original.novel_id,
+                persist=False,
+                time_ms=original.time_ms,
+                id=original.id,
+            )
+            copy.resend = True
+            again.append(copy)
+            done.append(f)
+        if again:
+            await self.publisher.submit(again)
+            await self.store.mark_resent([f.id for f in done if f.id is not None], now_ms())
+        return done
+
+    async def purge(self, older_than_days: float, *, dry_run: bool = False) -> dict[str, Any]:
+        cutoff = cutoff_for(older_than_days, now_ms())
+        if dry_run:
+            return {
+                "dry_run": True,
+                "cutoff": rfc3339(cutoff),
+                "events": await self.store.count_older(cutoff),
+            }
+        return {"dry_run": False, "cutoff": rfc3339(cutoff), "events": await self.store.purge(cutoff)}
 
     def config_for(self, principal: Principal) -> dict[str, Any]:
         s = self.settings

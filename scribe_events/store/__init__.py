@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 from scribe_events.config import Settings
-from scribe_events.store.base import EventStore, IdempotencyRecord
+from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyRecord
 
-__all__ = ["EventStore", "IdempotencyRecord", "make_store"]
+__all__ = ["EventStore", "FailedDelivery", "IdempotencyRecord", "make_store"]
 
 
 def make_store(settings: Settings) -> EventStore:
+    from scribe_events.crypto import Cipher
     from scribe_events.store.sql import SQLEventStore
 
-    return SQLEventStore(settings.database_url)
+    cipher = Cipher(settings.encryption_keys) if settings.encryption_keys else None
+    return SQLEventStore(
+        settings.database_url,
+        schema=settings.database_schema,
+        auto_migrate=settings.auto_migrate,
+        cipher=cipher,
+    )

@@ -1,9 +1,9 @@
-"""What the service needs from a store. Ids are integers that rise in commit order."""
+"""What the service needs from a store. Ids are integers that become visible in the order given out."""
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from scribe_events.events import Event, TypeFilter
@@ -21,40 +21,59 @@ class IdempotencyRecord:
 IdempotencyClaim = tuple[IdempotencyRecord, Sequence[Event]]
 
 
+@dataclass(frozen=True, slots=True)
+class FailedDelivery:
+    """An important event that could not be written to a connection that should have had it."""
+
+    event_id: int
+    user_id: str
+    session_id: str | None
+    connection_id: str
+    reason: str  # slow_client | write_error
+    failed_ms: int
+    id: int | None = None
+    resent_ms: int | None = None
+    resend_count: int = 0
+    type: str | None = None
+
+
 class EventStore(abc.ABC):
     @abc.abstractmethod
     async def start(self) -> None:
-        """Connect and make sure the schema exists."""
+        """Connect, and migrate (embedded) or check the schema."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...
 
+    def describe(self) -> str:
+        """Where the store is, for logs (no password)."""
+        return type(self).__name__
+
     @abc.abstractmethod
-    async def append(self, events: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
+    async def append(self, batch: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
         """Store events (and idempotency records) in one transaction; set each event's ``id``.
 
-        Each idempotency claim is saved with the ids of its request's events (taken once the
-        events have theirs), so a retried request answers the same ids.
-
         Ids must become visible in the order they are given out: a reader that has seen id N
-        will never later find a new event with an id below N.
+        never later finds a new event with an id below N. Each idempotency claim is saved with
+        the ids of its request's events.
         """
 
     @abc.abstractmethod
     async def read(
-        self,
-        *,
-        after: int,
-        user_id: str,
-        session_id: str | None,
-        limit: int,
-        types: TypeFilter | None = None,
+        self, *, after: int, user_id: str, session_id: str | None, limit: int, types: TypeFilter | None = None
     ) -> list[Event]:
         """Events after ``after`` that this user (and session) may see, oldest first."""
 
     @abc.abstractmethod
+    async def read_all(self, *, after: int, limit: int, until: int | None = None) -> list[Event]:
+        """Every event after ``after`` (up to ``until``), whoever it is for: the outbox relay's view."""
+
+    @abc.abstractmethod
+    async def read_ids(self, ids: Sequence[int]) -> list[Event]: ...
+
+    @abc.abstractmethod
     async def head(self) -> int:
-        """The highest id ever given out (0 when none)."""
+        """The highest id given out and committed (0 when none)."""
 
     @abc.abstractmethod
     async def oldest(self) -> int | None:
@@ -65,11 +84,45 @@ class EventStore(abc.ABC):
         """Every id at or below this may have been deleted by retention."""
 
     @abc.abstractmethod
+    async def get_meta(self, key: str) -> int: ...
+
+    @abc.abstractmethod
+    async def set_meta(self, key: str, value: int, *, only_up: bool = True) -> None: ...
+
+    @abc.abstractmethod
     async def idempotency(self, owner: str, key: str) -> IdempotencyRecord | None: ...
 
     @abc.abstractmethod
     async def ping(self) -> bool: ...
 
-    def describe(self) -> str:
-        """Where the store is, for logs (no password)."""
-        return type(self).__name__
+    @abc.abstractmethod
+    async def record_failures(self, failures: Sequence[FailedDelivery]) -> None: ...
+
+    @abc.abstractmethod
+    async def failures(
+        self,
+        *,
+        ids: Sequence[int] = (),
+        user_id: str | None = None,
+        since_ms: int | None = None,
+        include_resent: bool = False,
+        limit: int = 1000,
+    ) -> list[FailedDelivery]:
+        """Failed deliveries (by event ids, by user, since a time), oldest first."""
+
+    @abc.abstractmethod
+    async def mark_resent(self, failure_ids: Sequence[int], when_ms: int) -> None: ...
+
+    @abc.abstractmethod
+    async def count_older(self, cutoff_ms: int) -> int: ...
+
+    @abc.abstractmethod
+    async def purge(self, cutoff_ms: int, *, progress: Callable[[int, int], None] | None = None) -> int:
+        """Delete events older than ``cutoff_ms``; returns how many."""
+
+    @abc.abstractmethod
+    async def size_bytes(self) -> int: ...
+
+    @abc.abstractmethod
+    async def maintain(self) -> None:
+        """Periodic upkeep (PostgreSQL: day partitions ahead of time)."""

@@ -1,75 +1,46 @@
 """The event store on SQLAlchemy's async engine: SQLite (aiosqlite) embedded, PostgreSQL (asyncpg).
 
-Writes come from the publisher's single group-commit loop, so on SQLite (one writer) ids become
-visible in the order they were given out.
+Ids become visible in the order they are given out, which is what lets replay read "everything
+after N" without ever skipping an event:
+- SQLite has one writer at a time, and the id is assigned inside the writing transaction;
+- PostgreSQL takes a transaction-scoped advisory lock before drawing ids from the sequence, so
+  concurrent writers (on any number of instances) commit one batch at a time, in id order. With
+  group commit a batch holds many events, so the lock costs one short wait per batch.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from scribe_events.crypto import Cipher, CryptoError
 from scribe_events.events import Event, TypeFilter, now_ms
 from scribe_events.exceptions import StoreUnavailable
-from scribe_events.store.base import EventStore, IdempotencyClaim, IdempotencyRecord
+from scribe_events.store import migrate, retention
+from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyClaim, IdempotencyRecord
+from scribe_events.store.schema import events, failed_deliveries, idempotency_keys, store_meta
 
-metadata = sa.MetaData()
+_LOCK_NAMESPACE = 0x5CE1  # first key of pg_advisory_xact_lock(int, int); the second is the schema's hash
 
-_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-events_table = sa.Table(
-    "events",
-    metadata,
-    sa.Column("id", _ID, primary_key=True, autoincrement=True),
-    sa.Column("type", sa.String(200), nullable=False),
-    sa.Column("time_ms", sa.BigInteger, nullable=False),
-    sa.Column("user_id", sa.String(200)),
-    sa.Column("session_id", sa.String(200)),
-    sa.Column("broadcast", sa.Boolean, nullable=False),
-    sa.Column("task_id", sa.String(200)),
-    sa.Column("novel_id", sa.String(200)),
-    sa.Column("replace_key", sa.String(420)),
-    sa.Column("sensitive", sa.Boolean, nullable=False),
-    sa.Column("data", sa.Text, nullable=False),
-    sa.Index("ix_events_user_id", "user_id", "id"),
-    sa.Index("ix_events_replace_key", "replace_key"),
-    sa.Index("ix_events_time_ms", "time_ms"),
-    sqlite_autoincrement=True,  # ids are never reused after a delete
-)
-
-idempotency_table = sa.Table(
-    "idempotency_keys",
-    metadata,
-    sa.Column("owner", sa.String(200), primary_key=True),
-    sa.Column("key", sa.String(200), primary_key=True),
-    sa.Column("request_hash", sa.String(64), nullable=False),
-    sa.Column("ids", sa.Text, nullable=False),
-    sa.Column("created_ms", sa.BigInteger, nullable=False),
-)
-
-meta_table = sa.Table(
-    "store_meta",
-    metadata,
-    sa.Column("key", sa.String(100), primary_key=True),
-    sa.Column("value", sa.BigInteger, nullable=False),
-)
-
-_COLUMNS = (
-    events_table.c.id,
-    events_table.c.type,
-    events_table.c.time_ms,
-    events_table.c.user_id,
-    events_table.c.session_id,
-    events_table.c.broadcast,
-    events_table.c.task_id,
-    events_table.c.novel_id,
-    events_table.c.data,
+_EVENT_COLUMNS = (
+    events.c.id,
+    events.c.type,
+    events.c.time_ms,
+    events.c.user_id,
+    events.c.session_id,
+    events.c.broadcast,
+    events.c.task_id,
+    events.c.novel_id,
+    events.c.sensitive,
+    events.c.key_id,
+    events.c.data,
 )
 
 
@@ -81,10 +52,42 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _fail(action: str, exc: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"the store could not {action}: {type(exc).__name__}")
+
+
+def crypto_context(type_: str, user_id: str | None, session_id: str | None, broadcast: bool) -> str:
+    """What a sensitive event's ciphertext is bound to: its type and audience."""
+    return f"{type_}|{user_id or ''}|{session_id or ''}|{int(broadcast)}"
+
+
 class SQLEventStore(EventStore):
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        auto_migrate: bool | None = None,
+        cipher: Cipher | None = None,
+    ) -> None:
         self.url = url
+        self.schema = schema
+        self.dialect = sa.engine.make_url(url).get_backend_name()
+        self.auto_migrate = self.dialect == "sqlite" if auto_migrate is None else auto_migrate
+        self.cipher = cipher
         self.engine: AsyncEngine | None = None
+        self._lock_key = zlib.crc32((schema or "public").encode()) & 0x7FFFFFFF
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def make_engine(self) -> AsyncEngine:
+        connect_args: dict[str, Any] = {}
+        if self.schema and self.dialect == "postgresql":
+            connect_args["server_settings"] = {"search_path": self.schema}
+        engine = create_async_engine(self.url, pool_pre_ping=True, connect_args=connect_args)
+        if self.dialect == "sqlite":
+            sa_event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
 
     @property
     def _engine(self) -> AsyncEngine:
@@ -92,77 +95,158 @@ class SQLEventStore(EventStore):
             raise StoreUnavailable("the store is not started")
         return self.engine
 
-    async def start(self) -> None:
-        self.engine = create_async_engine(self.url, pool_pre_ping=True)
-        if self.engine.dialect.name == "sqlite":
-            sa_event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-        try:
-            async with self.engine.begin() as conn:
-                await conn.run_sync(metadata.create_all)
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(f"cannot open the store at {self.engine.url!r}: {exc}") from exc
-
     def describe(self) -> str:
-        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        where = sa.engine.make_url(self.url).render_as_string(hide_password=True)
+        return f"{where} (schema {self.schema})" if self.schema else where
+
+    async def start(self) -> None:
+        self.engine = self.make_engine()
+        try:
+            if self.auto_migrate:
+                await migrate.upgrade(self.engine, self.schema)
+            else:
+                at, wanted = await migrate.current(self.engine, self.schema), migrate.head()
+                if at != wanted:
+                    raise StoreUnavailable(
+                        f"the database schema is at revision {at or 'none'}, this version needs {wanted}: "
+                        "run `scribe-events db upgrade`",
+                        code="schema_out_of_date",
+                    )
+            if self.dialect == "postgresql":
+                async with self.engine.begin() as conn:
+                    await retention.ensure(conn, now_ms())
+        except (SQLAlchemyError, OSError) as exc:
+            await self.close()
+            raise StoreUnavailable(f"cannot open the store at {self.describe()}: {exc}") from exc
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         if self.engine is not None:
             await self.engine.dispose()
             self.engine = None
 
-    async def append(self, events: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
+    # -- writing -----------------------------------------------------------------------------------
+
+    def _row(self, e: Event) -> dict[str, Any]:
+        data, kid = e.data_json, None
+        if e.sensitive:
+            if self.cipher is None:
+                raise StoreUnavailable(
+                    "a sensitive event needs SCRIBE_EVENTS_ENCRYPTION_KEYS", code="encryption_not_configured"
+                )
+            kid, data = self.cipher.encrypt(
+                data, crypto_context(e.type, e.user_id, e.session_id, e.broadcast)
+            )
+        return {
+            "time_ms": e.time_ms,
+            "type": e.type,
+            "user_id": e.user_id,
+            "session_id": e.session_id,
+            "broadcast": e.broadcast,
+            "task_id": e.task_id,
+            "novel_id": e.novel_id,
+            "replace_key": e.replace_key,
+            "sensitive": e.sensitive,
+            "key_id": kid,
+            "data": data,
+        }
+
+    async def append(self, batch: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
+        rows = [self._row(e) for e in batch]
         try:
             async with self._engine.begin() as conn:
-                if events:
-                    rows = [
-                        {
-                            "type": e.type,
-                            "time_ms": e.time_ms,
-                            "user_id": e.user_id,
-                            "session_id": e.session_id,
-                            "broadcast": e.broadcast,
-                            "task_id": e.task_id,
-                            "novel_id": e.novel_id,
-                            "replace_key": e.replace_key,
-                            "sensitive": e.sensitive,
-                            "data": e.data_json,
-                        }
-                        for e in events
-                    ]
-                    stmt = sa.insert(events_table).returning(events_table.c.id, sort_by_parameter_order=True)
-                    result = await conn.execute(stmt, rows)
-                    ids = [row[0] for row in result]
+                if rows:
+                    ids = await self._insert(conn, rows)
                     newest: dict[str, int] = {}
-                    for e, id_ in zip(events, ids, strict=True):
+                    for e, id_ in zip(batch, ids, strict=True):
                         e.id = id_
                         if e.replace_key is not None:
                             newest[e.replace_key] = id_
                     if newest:
                         await conn.execute(
-                            sa.delete(events_table).where(
-                                events_table.c.replace_key == sa.bindparam("k"),
-                                events_table.c.id < sa.bindparam("newest"),
+                            sa.delete(events).where(
+                                events.c.replace_key == sa.bindparam("k"),
+                                events.c.id < sa.bindparam("newest"),
                             ),
                             [{"k": k, "newest": v} for k, v in newest.items()],
                         )
                 if idempotency:
+                    created = now_ms()
                     await conn.execute(
-                        sa.insert(idempotency_table),
+                        sa.insert(idempotency_keys),
                         [
                             {
                                 "owner": r.owner,
                                 "key": r.key,
                                 "request_hash": r.request_hash,
                                 "ids": json.dumps([e.wire_id for e in evs]),
-                                "created_ms": now_ms(),
+                                "created_ms": created,
                             }
                             for r, evs in idempotency
                         ],
                     )
         except (SQLAlchemyError, OSError) as exc:
-            for e in events:
+            for e in batch:
                 e.id = None
-            raise StoreUnavailable(f"the store could not take the events: {type(exc).__name__}") from exc
+            raise _fail("take the events", exc) from exc
+
+    async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
+        if self.dialect == "postgresql":
+            # Serialise writers across instances, then draw ids: commit order == id order.
+            await conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+                {"ns": _LOCK_NAMESPACE, "key": self._lock_key},
+            )
+            drawn = await conn.execute(
+                sa.text("SELECT nextval('events_id_seq') FROM generate_series(1, :n)"), {"n": len(rows)}
+            )
+            ids = sorted(int(r[0]) for r in drawn)
+            for row, id_ in zip(rows, ids, strict=True):
+                row["id"] = id_
+            await conn.execute(sa.insert(events), rows)
+            return ids
+        result = await conn.execute(
+            sa.insert(events).returning(events.c.id, sort_by_parameter_order=True), rows
+        )
+        return [int(r[0]) for r in result]
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def _event(self, r: Any) -> Event:
+        data = r.data
+        if r.key_id is not None:
+            if self.cipher is None:
+                raise StoreUnavailable(
+                    "a stored sensitive event cannot be read: no encryption keys are configured",
+                    code="encryption_not_configured",
+                )
+            try:
+                data = self.cipher.decrypt(
+                    r.key_id, data, crypto_context(r.type, r.user_id, r.session_id, r.broadcast)
+                )
+            except CryptoError as exc:
+                raise StoreUnavailable(str(exc), code="decryption_failed") from exc
+        return Event(
+            r.type,
+            data,
+            id=r.id,
+            time_ms=r.time_ms,
+            user_id=r.user_id,
+            session_id=r.session_id,
+            broadcast=r.broadcast,
+            task_id=r.task_id,
+            novel_id=r.novel_id,
+            sensitive=r.sensitive,
+        )
+
+    async def _rows(self, stmt: Any, action: str = "be read") -> list[Any]:
+        try:
+            async with self._engine.connect() as conn:
+                return list((await conn.execute(stmt)).all())
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail(action, exc) from exc
 
     async def read(
         self,
@@ -173,7 +257,7 @@ class SQLEventStore(EventStore):
         limit: int,
         types: TypeFilter | None = None,
     ) -> list[Event]:
-        t = events_table.c
+        t = events.c
         session_ok = (
             t.session_id.is_(None)
             if session_id is None
@@ -182,58 +266,55 @@ class SQLEventStore(EventStore):
         where = [t.id > after, sa.or_(t.broadcast.is_(True), sa.and_(t.user_id == user_id, session_ok))]
         if types is not None:
             where.append(sa.or_(*(t.type.like(p, escape="\\") for p in types.sql_like())))
-        stmt = sa.select(*_COLUMNS).where(*where).order_by(t.id).limit(limit)
-        try:
-            async with self._engine.connect() as conn:
-                rows = (await conn.execute(stmt)).all()
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(f"the store could not be read: {type(exc).__name__}") from exc
-        return [
-            Event(
-                r.type,
-                r.data,
-                id=r.id,
-                time_ms=r.time_ms,
-                user_id=r.user_id,
-                session_id=r.session_id,
-                broadcast=r.broadcast,
-                task_id=r.task_id,
-                novel_id=r.novel_id,
-            )
-            for r in rows
-        ]
+        stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(t.id).limit(limit)
+        return [self._event(r) for r in await self._rows(stmt)]
 
-    async def _scalar(self, stmt: sa.Select[Any]) -> Any:
-        try:
-            async with self._engine.connect() as conn:
-                return (await conn.execute(stmt)).scalar()
-        except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(f"the store could not be read: {type(exc).__name__}") from exc
+    async def read_all(self, *, after: int, limit: int, until: int | None = None) -> list[Event]:
+        where = [events.c.id > after]
+        if until is not None:
+            where.append(events.c.id <= until)
+        stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(events.c.id).limit(limit)
+        return [self._event(r) for r in await self._rows(stmt)]
+
+    async def read_ids(self, ids: Sequence[int]) -> list[Event]:
+        if not ids:
+            return []
+        stmt = sa.select(*_EVENT_COLUMNS).where(events.c.id.in_(list(ids))).order_by(events.c.id)
+        return [self._event(r) for r in await self._rows(stmt)]
+
+    async def _scalar(self, stmt: Any) -> Any:
+        rows = await self._rows(stmt)
+        return rows[0][0] if rows else None
 
     async def head(self) -> int:
-        newest = await self._scalar(sa.select(sa.func.max(events_table.c.id)))
+        newest = await self._scalar(sa.select(sa.func.max(events.c.id)))
         return max(int(newest or 0), await self.purged_through())
 
     async def oldest(self) -> int | None:
-        value = await self._scalar(sa.select(sa.func.min(events_table.c.id)))
+        value = await self._scalar(sa.select(sa.func.min(events.c.id)))
         return None if value is None else int(value)
 
     async def purged_through(self) -> int:
-        value = await self._scalar(sa.select(meta_table.c.value).where(meta_table.c.key == "purged_through"))
+        return await self.get_meta("purged_through")
+
+    async def get_meta(self, key: str) -> int:
+        value = await self._scalar(sa.select(store_meta.c.value).where(store_meta.c.key == key))
         return int(value or 0)
 
-    async def idempotency(self, owner: str, key: str) -> IdempotencyRecord | None:
-        t = idempotency_table.c
+    async def set_meta(self, key: str, value: int, *, only_up: bool = True) -> None:
+        """Set a watermark; with ``only_up`` it never moves backwards."""
         try:
-            async with self._engine.connect() as conn:
-                row = (
-                    await conn.execute(sa.select(t.request_hash, t.ids).where(t.owner == owner, t.key == key))
-                ).first()
+            async with self._engine.begin() as conn:
+                await retention.set_meta(conn, key, value, only_up=only_up)
         except (SQLAlchemyError, OSError) as exc:
-            raise StoreUnavailable(f"the store could not be read: {type(exc).__name__}") from exc
-        if row is None:
+            raise _fail("be written", exc) from exc
+
+    async def idempotency(self, owner: str, key: str) -> IdempotencyRecord | None:
+        t = idempotency_keys.c
+        rows = await self._rows(sa.select(t.request_hash, t.ids).where(t.owner == owner, t.key == key))
+        if not rows:
             return None
-        return IdempotencyRecord(owner, key, row.request_hash, tuple(json.loads(row.ids)))
+        return IdempotencyRecord(owner, key, rows[0].request_hash, tuple(json.loads(rows[0].ids)))
 
     async def ping(self) -> bool:
         try:
@@ -241,3 +322,124 @@ class SQLEventStore(EventStore):
         except StoreUnavailable:
             return False
         return True
+
+    # -- failed deliveries -------------------------------------------------------------------------
+
+    async def record_failures(self, failures: Sequence[FailedDelivery]) -> None:
+        if not failures:
+            return
+        rows = [
+            {
+                "event_id": f.event_id,
+                "user_id": f.user_id,
+                "session_id": f.session_id,
+                "connection_id": f.connection_id,
+                "reason": f.reason,
+                "failed_ms": f.failed_ms,
+                "resend_count": 0,
+            }
+            for f in failures
+        ]
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(sa.insert(failed_deliveries), rows)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("record failed deliveries", exc) from exc
+
+    async def failures(
+        self,
+        *,
+        ids: Sequence[int] = (),
+        user_id: str | None = None,
+        since_ms: int | None = None,
+        include_resent: bool = False,
+        limit: int = 1000,
+    ) -> list[FailedDelivery]:
+        f = failed_deliveries.c
+        where: list[sa.ColumnElement[bool]] = []
+        if ids:
+            where.append(f.event_id.in_(list(ids)))
+        if user_id is not None:
+            where.append(f.user_id == user_id)
+        if since_ms is not None:
+            where.append(f.failed_ms >= since_ms)
+        if not include_resent:
+            where.append(f.resent_ms.is_(None))
+        stmt = (
+            sa.select(
+                f.id,
+                f.event_id,
+                f.user_id,
+                f.session_id,
+                f.connection_id,
+                f.reason,
+                f.failed_ms,
+                f.resent_ms,
+                f.resend_count,
+                events.c.type,
+            )
+            .select_from(failed_deliveries.outerjoin(events, events.c.id == f.event_id))
+            .where(*where)
+            .order_by(f.id)
+            .limit(limit)
+        )
+        return [
+            FailedDelivery(
+                r.event_id,
+                r.user_id,
+                r.session_id,
+                r.connection_id,
+                r.reason,
+                r.failed_ms,
+                id=r.id,
+                resent_ms=r.resent_ms,
+                resend_count=r.resend_count,
+                type=r.type,
+            )
+            for r in await self._rows(stmt)
+        ]
+
+    async def mark_resent(self, failure_ids: Sequence[int], when_ms: int) -> None:
+        if not failure_ids:
+            return
+        f = failed_deliveries.c
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    sa.update(failed_deliveries)
+                    .where(f.id.in_(list(failure_ids)))
+                    .values(resent_ms=when_ms, resend_count=f.resend_count + 1)
+                )
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("mark failed deliveries resent", exc) from exc
+
+    # -- retention ---------------------------------------------------------------------------------
+
+    async def count_older(self, cutoff_ms: int) -> int:
+        return int(await self._scalar(sa.select(sa.func.count()).where(events.c.time_ms < cutoff_ms)) or 0)
+
+    async def purge(self, cutoff_ms: int, *, progress: retention.Progress | None = None) -> int:
+        """Delete every event older than ``cutoff_ms`` (and old idempotency keys and failure records).
+
+        PostgreSQL drops whole day partitions, then deletes the rest in batches; SQLite deletes in
+        batches. Returns the number of events deleted.
+        """
+        try:
+            return await retention.purge(self._engine, self.dialect, cutoff_ms, progress)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("purge", exc) from exc
+
+    async def size_bytes(self) -> int:
+        try:
+            async with self._engine.connect() as conn:
+                return await retention.size_bytes(conn, self.dialect)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("be measured", exc) from exc
+
+    async def maintain(self) -> None:
+        if self.dialect == "postgresql":
+            try:
+                async with self._engine.begin() as conn:
+                    await retention.ensure(conn, now_ms())
+            except (SQLAlchemyError, OSError) as exc:
+                raise _fail("create partitions", exc) from exc

@@ -1,7 +1,8 @@
 """The app factory and the one lifespan that owns every resource.
 
-Start-up builds, in order: store, broker, hub, publisher; shutdown closes them in reverse. Nothing
-connects at import time.
+Start-up builds, in order: store (migrated or checked), broker, publisher (which first relays what
+was committed but never published), failure recorder, hub heartbeat, retention job; shutdown
+closes them in reverse. Nothing connects at import time.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from scribe_events.auth import MemoryTickets, TokenVerifier
 from scribe_events.broker import Broker, make_broker
 from scribe_events.config import Settings
 from scribe_events.exceptions import PayloadTooLarge
+from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Hub
-from scribe_events.service import EventService, Publisher
+from scribe_events.publisher import Publisher
+from scribe_events.retention import RetentionJob
+from scribe_events.service import EventService
 from scribe_events.store import EventStore, make_store
 from scribe_events.web import errors, routes, stream
 
@@ -101,21 +105,35 @@ class ScribeApp:
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         settings = self.settings
         verifier = TokenVerifier(settings, create_secret=True)
-        store = make_store(settings)
-        await store.start()
-        broker = make_broker(settings)
-        hub = Hub(
-            instance=settings.instance_id,
-            heartbeat_s=settings.heartbeat_s,
-            max_buffer=settings.max_connection_buffer,
-        )
-        publisher = Publisher(
-            store, broker, queue_max=settings.publish_queue, batch_max=settings.publish_batch
-        )
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            store = make_store(settings)
+            await store.start()
+            stack.push_async_callback(store.close)
+            broker = make_broker(settings)
+            hub = Hub(
+                instance=settings.instance_id,
+                heartbeat_s=settings.heartbeat_s,
+                max_buffer=settings.max_connection_buffer,
+            )
             await broker.start(hub.dispatch)
+            stack.push_async_callback(broker.close)
+            publisher = Publisher(
+                store,
+                broker,
+                queue_max=settings.publish_queue,
+                batch_max=settings.publish_batch,
+                faults=frozenset(settings.faults),
+            )
+            await publisher.start()  # relays what was committed but never published
+            stack.push_async_callback(publisher.close)
+            recorder = FailureRecorder(store, hub)
+            recorder.start()
+            stack.push_async_callback(recorder.close)
             hub.start()
-            publisher.start()
+            stack.push_async_callback(hub.close)
+            retention = RetentionJob(store, settings)
+            retention.start()
+            stack.push_async_callback(retention.close)
             self.runtime = Runtime(
                 settings=settings,
                 verifier=verifier,
@@ -127,6 +145,7 @@ class ScribeApp:
                 service=EventService(settings, store, broker, publisher),
                 started_at=time.time(),
             )
+            stack.callback(setattr, self, "runtime", None)
             if settings.gc_freeze:
                 # Long-lived start-up objects leave the collector's view, so full collections stay short.
                 gc.collect()
@@ -138,12 +157,6 @@ class ScribeApp:
                 broker.name,
             )
             yield
-        finally:
-            await hub.close()
-            await publisher.close()
-            await broker.close()
-            await store.close()
-            self.runtime = None
 
 
 def create_app(settings: Settings | None = None) -> ScribeApp:

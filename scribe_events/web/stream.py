@@ -108,7 +108,7 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
     ]
     if plan.truncated is not None:
         first.append(sse.chunk(sse.frame(dumps(plan.truncated), event="replay.truncated")))
-    hub.add(conn)
+    hub.add(conn, from_seq=plan.after)
     try:
         if hub.write_direct(conn, first) and plan.after is not None:
             await _replay(runtime, conn, plan.after)
@@ -170,7 +170,7 @@ async def _replay(runtime: Runtime, conn: Connection, after: int) -> None:
             hub.cut(conn, "store_unavailable")
             return
         for event in batch:
-            if not hub.write_direct(conn, (event.delivery().chunk,)):
+            if not hub.write_direct(conn, (event.delivery().chunk,), event.id):
                 return
             if conn.buffer_size() > hub.max_buffer // 2 and not await _drain(hub, conn):
                 return

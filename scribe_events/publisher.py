@@ -1,0 +1,206 @@
+"""The publishing pipeline: group commit, then fan-out in commit order, as a transactional outbox.
+
+One task per instance (:class:`Publisher`) takes every waiting publish request (the intake queue is
+bounded), stores the important events of all of them in one transaction, and hands the whole batch
+to the broker in id order; only then are the publishers answered. A lone event pays one
+transaction; many concurrent events share one (R7.6).
+
+The outbox: every stored event is either published or after the ``published_through`` watermark.
+The watermark advances as batches are handed to the broker and is saved at most once a second (and
+on shutdown). If the broker fails, or the process dies between commit and publish, the relay —
+the same task, at start-up and whenever it is behind — publishes every stored event after the
+watermark, in id order, before anything newer (R7.4). A re-published event reaches clients that
+already had it only as a duplicate id, which they (and the hub) drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+
+from scribe_events.broker import Broker
+from scribe_events.events import Event
+from scribe_events.exceptions import StoreUnavailable
+from scribe_events.store import EventStore, IdempotencyRecord
+
+log = logging.getLogger("scribe_events.publisher")
+
+WATERMARK = "published_through"
+RELAY_PAGE = 1000
+
+
+@dataclass(slots=True)
+class _Job:
+    events: list[Event]
+    claim: IdempotencyRecord | None
+    future: asyncio.Future[list[str]]
+
+
+class Publisher:
+    def __init__(
+        self,
+        store: EventStore,
+        broker: Broker,
+        *,
+        queue_max: int,
+        batch_max: int,
+        flush_every_s: float = 1.0,
+        faults: frozenset[str] = frozenset(),
+    ) -> None:
+        self.store = store
+        self.broker = broker
+        self.batch_max = batch_max
+        self.flush_every_s = flush_every_s
+        self.faults = faults
+        self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=queue_max)
+        self._task: asyncio.Task[None] | None = None
+        self.published_through = 0
+        self._saved_through = 0
+        self.behind = False  # stored events wait for the relay
+        self.batches = 0
+        self.stored = 0
+
+    async def start(self) -> None:
+        """Load the watermark and relay whatever was committed but never published, then start."""
+        self.published_through = self._saved_through = await self.store.get_meta(WATERMARK)
+        self.behind = True
+        await self._relay()
+        await self._save_watermark()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="scribe-publisher")
+
+    async def close(self) -> None:
+        """Stop taking events, finish every one already accepted, save the watermark."""
+        if self._task is None:
+            return
+        task, self._task = self._task, None
+        await self._queue.put(None)
+        await task
+        try:
+            await self._save_watermark()
+        except StoreUnavailable as exc:
+            log.warning("could not save the outbox watermark: %s (the relay will redo it)", exc)
+
+    async def submit(self, events: list[Event], claim: IdempotencyRecord | None = None) -> list[str]:
+        """Queue events; returns their ids once stored (if important) and handed to the broker."""
+        if self._task is None:
+            raise StoreUnavailable("the service is not accepting events", code="not_ready")
+        job = _Job(events, claim, asyncio.get_running_loop().create_future())
+        try:
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise StoreUnavailable("too many events are waiting to be stored; retry shortly") from None
+        # Shielded: a publisher that hangs up does not cancel work that was accepted.
+        return await asyncio.shield(job.future)
+
+    async def _run(self) -> None:
+        queue = self._queue
+        while True:
+            try:
+                first = await asyncio.wait_for(queue.get(), self.flush_every_s)
+            except TimeoutError:
+                await self._idle()
+                continue
+            if first is None:
+                return
+            jobs = [first]
+            size = len(first.events)
+            stop = False
+            while size < self.batch_max and not queue.empty():
+                job = queue.get_nowait()
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+                size += len(job.events)
+            try:
+                await self._commit(jobs)
+            except Exception as exc:  # a bug must not stop publishing for good
+                log.exception("publishing a batch failed")
+                for job in jobs:
+                    settle(job.future, exc=StoreUnavailable(f"publishing failed: {type(exc).__name__}"))
+            if stop:
+                return
+
+    async def _idle(self) -> None:
+        try:
+            if self.behind:
+                await self._relay()
+            await self._save_watermark()
+        except Exception:
+            log.exception("outbox upkeep failed; retrying")
+
+    async def _commit(self, jobs: list[_Job]) -> None:
+        events = [e for job in jobs for e in job.events]
+        important = [e for e in events if e.persist]
+        claims = [(job.claim, job.events) for job in jobs if job.claim is not None]
+        try:
+            if important or claims:
+                await self.store.append(important, claims)
+        except StoreUnavailable as exc:
+            if len(jobs) > 1:  # one bad job must not fail its neighbours
+                for job in jobs:
+                    await self._commit([job])
+                return
+            log.error("store refused %d event(s): %s", len(events), exc)
+            settle(jobs[0].future, exc=exc)
+            return
+        self.batches += 1
+        self.stored += len(important)
+        if "kill_after_commit" in self.faults and important:
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die between commit and publish
+        await self._publish(events)
+        for job in jobs:
+            settle(job.future, result=[e.wire_id for e in job.events])
+
+    async def _publish(self, events: list[Event]) -> None:
+        if self.behind:
+            # Older stored events go first; this batch's stored events are among them.
+            await self._relay()
+            live = [e for e in events if not e.persist]
+            if live and not self.behind:
+                await self._to_broker(live)
+            return
+        await self._to_broker(events)
+
+    async def _to_broker(self, events: list[Event]) -> None:
+        try:
+            await self.broker.publish(events)
+        except Exception:
+            log.exception("the broker failed to publish %d event(s); the relay will retry", len(events))
+            self.behind = True
+            return
+        ids = [e.id for e in events if e.persist and e.id is not None]
+        if ids:
+            self.published_through = max(self.published_through, max(ids))
+
+    async def _relay(self) -> None:
+        """Publish every stored event after the watermark, in id order, until caught up."""
+        while self.behind:
+            pending = await self.store.read_all(after=self.published_through, limit=RELAY_PAGE)
+            if not pending:
+                self.behind = False
+                return
+            log.info("relaying %d stored event(s) after id %d", len(pending), self.published_through)
+            await self._to_broker(pending)
+            if self.behind and self.published_through < pending[-1].id:  # type: ignore[operator]
+                return  # the broker is still failing
+
+    async def _save_watermark(self) -> None:
+        if self.published_through > self._saved_through:
+            await self.store.set_meta(WATERMARK, self.published_through)
+            self._saved_through = self.published_through
+
+
+def settle(
+    fut: asyncio.Future[list[str]], *, result: list[str] | None = None, exc: BaseException | None = None
+) -> None:
+    if fut.done():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+        fut.exception()  # retrieved here too, so an abandoned future logs nothing
+    else:
+        fut.set_result(result or [])

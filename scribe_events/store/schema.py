@@ -1,0 +1,61 @@
+"""The tables, as the queries see them. The DDL itself lives in the Alembic migrations.
+
+On PostgreSQL ``events`` is partitioned by day on ``time_ms`` (so retention drops whole days
+without rewriting or locking the live table) and its primary key is ``(id, time_ms)``; ids come
+from the sequence ``events_id_seq``. On SQLite it is one table with an AUTOINCREMENT id.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("time_ms", sa.BigInteger, nullable=False),
+    sa.Column("type", sa.String(200), nullable=False),
+    sa.Column("user_id", sa.String(200)),
+    sa.Column("session_id", sa.String(200)),
+    sa.Column("broadcast", sa.Boolean, nullable=False),
+    sa.Column("task_id", sa.String(200)),
+    sa.Column("novel_id", sa.String(200)),
+    sa.Column("replace_key", sa.String(420)),
+    sa.Column("sensitive", sa.Boolean, nullable=False),
+    sa.Column("key_id", sa.String(64)),  # the encryption key of a sensitive event's data
+    sa.Column("data", sa.Text, nullable=False),  # JSON text, or base64 ciphertext when key_id is set
+)
+
+idempotency_keys = sa.Table(
+    "idempotency_keys",
+    metadata,
+    sa.Column("owner", sa.String(200), primary_key=True),
+    sa.Column("key", sa.String(200), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),
+    sa.Column("ids", sa.Text, nullable=False),
+    sa.Column("created_ms", sa.BigInteger, nullable=False),
+)
+
+# Watermarks: ``purged_through`` (retention) and ``published_through`` (the outbox relay).
+store_meta = sa.Table(
+    "store_meta",
+    metadata,
+    sa.Column("key", sa.String(100), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+
+failed_deliveries = sa.Table(
+    "failed_deliveries",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("event_id", sa.BigInteger, nullable=False),
+    sa.Column("user_id", sa.String(200), nullable=False),
+    sa.Column("session_id", sa.String(200)),
+    sa.Column("connection_id", sa.String(64), nullable=False),
+    sa.Column("reason", sa.String(64), nullable=False),
+    sa.Column("failed_ms", sa.BigInteger, nullable=False),
+    sa.Column("resent_ms", sa.BigInteger),
+    sa.Column("resend_count", sa.Integer, nullable=False),
+)
