@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.panel import Panel
+from scribe_events_cli import store_cmds
 from scribe_events_cli.common import client_token, console, err_console, fail, friendly, load_settings
 from scribe_events_cli.render import render_message
 
@@ -227,6 +228,12 @@ def _json_line(message: client.Message) -> str:
     if isinstance(data, dict) and "type" in data and "id" in data:
         return json.dumps(data, ensure_ascii=False)  # an envelope
     return json.dumps({"type": message.event, "data": data}, ensure_ascii=False)
+
+
+app.add_typer(store_cmds.db_app, name="db")
+app.command()(friendly(store_cmds.purge))
+app.command()(friendly(store_cmds.resend))
+app.command()(store_cmds.keygen)
 
 
 def main() -> None:

@@ -194,3 +194,30 @@ async def publish(
         raise error_from(response)
     ids: list[str] = response.json()["ids"]
     return ids
+
+
+async def request_json(
+    base_url: str,
+    token: str,
+    method: str,
+    path: str,
+    *,
+    json_body: Any = None,
+    params: dict[str, Any] | None = None,
+    timeout_s: float = 30.0,
+) -> Any:
+    """One authenticated API call; the contract's error body becomes a :class:`ClientError`."""
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        try:
+            response = await client.request(
+                method,
+                base_url.rstrip("/") + path,
+                json=json_body,
+                params=params,
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        except httpx.HTTPError as exc:
+            raise ClientError(f"cannot reach {base_url}: {exc}", code="unreachable") from exc
+    if response.status_code >= 400:
+        raise error_from(response)
+    return response.json()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -13,7 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
 from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, Principal, bearer_token
-from scribe_events.events import Event, TypeFilter, parse_publish
+from scribe_events.events import Event, TypeFilter, parse_publish, rfc3339
 from scribe_events.exceptions import (
     BadRequest,
     Forbidden,
@@ -22,6 +23,7 @@ from scribe_events.exceptions import (
     ValidationFailed,
 )
 from scribe_events.service import dump_with_raw, request_fingerprint
+from scribe_events.store import FailedDelivery
 from scribe_events.web import stream
 from scribe_events.web.app_state import runtime_of
 
@@ -199,6 +201,86 @@ async def set_push_mode(request: Request, principal: Caller, body: PushModeIn) -
     rt = runtime_of(request)
     await rt.service.set_push_mode(body.mode, body.sse_percent, rt.hub)
     return {"mode": body.mode, "sse_percent": body.sse_percent}
+
+
+class ResendIn(BaseModel):
+    event_ids: list[int] = Field(default_factory=list, max_length=1000)
+    user_id: str | None = None
+    since: datetime | None = Field(None, description="RFC 3339 time; failures at or after it")
+    dry_run: bool = False
+    limit: int = Field(1000, ge=1, le=10_000)
+
+
+class PurgeIn(BaseModel):
+    older_than_days: float = Field(..., gt=0, description="purge events older than this many days")
+    dry_run: bool = False
+
+
+def _failure_out(f: FailedDelivery) -> dict[str, Any]:
+    return {
+        "event_id": str(f.event_id),
+        "type": f.type,
+        "user_id": f.user_id,
+        "session_id": f.session_id,
+        "connection_id": f.connection_id,
+        "reason": f.reason,
+        "failed_at": rfc3339(f.failed_ms),
+        "resent_at": rfc3339(f.resent_ms) if f.resent_ms else None,
+        "resend_count": f.resend_count,
+    }
+
+
+@router.get("/api/v1/admin/events/failed", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+async def list_failed(
+    request: Request,
+    principal: Caller,
+    user_id: str | None = None,
+    event_id: Annotated[list[int] | None, Query()] = None,
+    since: datetime | None = None,
+    include_resent: bool = False,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    """Important events that could not be written to a connection that should have had them."""
+    principal.require(ROLE_ADMIN)
+    found = await runtime_of(request).service.failed(
+        event_ids=event_id or [],
+        user_id=user_id,
+        since_ms=_ms(since),
+        include_resent=include_resent,
+        limit=limit,
+    )
+    return {"failed": [_failure_out(f) for f in found]}
+
+
+@router.post("/api/v1/admin/events/resend", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+async def resend(request: Request, principal: Caller, body: ResendIn) -> dict[str, Any]:
+    """Send failed deliveries again (by event ids, by user, since a time); `dry_run` lists them."""
+    principal.require(ROLE_ADMIN)
+    if not (body.event_ids or body.user_id or body.since):
+        raise ValidationFailed("name event_ids, user_id or since", field="body", code="missing_selection")
+    done = await runtime_of(request).service.resend(
+        event_ids=body.event_ids,
+        user_id=body.user_id,
+        since_ms=_ms(body.since),
+        dry_run=body.dry_run,
+        limit=body.limit,
+    )
+    return {"dry_run": body.dry_run, "resent": [_failure_out(f) for f in done]}
+
+
+@router.post("/api/v1/admin/events/purge", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+async def purge(request: Request, principal: Caller, body: PurgeIn) -> dict[str, Any]:
+    """Delete stored events older than `older_than_days` now (retention does this every hour)."""
+    principal.require(ROLE_ADMIN)
+    return await runtime_of(request).service.purge(body.older_than_days, dry_run=body.dry_run)
+
+
+def _ms(when: datetime | None) -> int | None:
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
 
 
 def _health(request: Request, ready: dict[str, bool] | None) -> dict[str, Any]:

@@ -1,0 +1,171 @@
+"""Commands that work on the event store: ``db``, ``purge``, ``resend``, ``keygen``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from scribe_events_cli.common import client_token, console, fail, friendly, load_settings
+from scribe_events_cli.durations import parse_duration, parse_since
+
+from scribe_events import client
+from scribe_events.crypto import new_key
+from scribe_events.events import now_ms, rfc3339
+from scribe_events.store import migrate
+from scribe_events.store.sql import SQLEventStore
+
+db_app = typer.Typer(help="The event store's schema (Alembic migrations).", no_args_is_help=True)
+
+
+def _store(settings: Any, *, auto_migrate: bool = False) -> SQLEventStore:
+    from scribe_events.crypto import Cipher
+
+    cipher = Cipher(settings.encryption_keys) if settings.encryption_keys else None
+    return SQLEventStore(
+        settings.database_url, schema=settings.database_schema, auto_migrate=auto_migrate, cipher=cipher
+    )
+
+
+@db_app.command("upgrade")
+@friendly
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+) -> None:
+    """Migrate the database (SCRIBE_EVENTS_DATABASE_URL) to the newest schema."""
+    settings = load_settings()
+    store = _store(settings)
+
+    async def run() -> tuple[str | None, str | None]:
+        engine = store.make_engine()
+        try:
+            before = await migrate.current(engine, settings.database_schema)
+            after = await migrate.upgrade(engine, settings.database_schema, revision)
+            return before, after
+        finally:
+            await engine.dispose()
+
+    before, after = asyncio.run(run())
+    where = store.describe()
+    if before == after:
+        console.print(f"[green]up to date[/] {where} at revision {after}")
+    else:
+        console.print(f"[green]upgraded[/] {where}: {before or 'empty'} → {after}")
+
+
+@db_app.command("current")
+@friendly
+def db_current(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Show the database's schema revision and the one this version needs."""
+    settings = load_settings()
+    store = _store(settings)
+
+    async def run() -> str | None:
+        engine = store.make_engine()
+        try:
+            return await migrate.current(engine, settings.database_schema)
+        finally:
+            await engine.dispose()
+
+    at, head = asyncio.run(run()), migrate.head()
+    if as_json:
+        print(json.dumps({"database": store.describe(), "current": at, "head": head}))
+        return
+    state = "[green]up to date[/]" if at == head else "[yellow]needs `scribe-events db upgrade`[/]"
+    console.print(f"{store.describe()}: revision {at or 'none'} (this version: {head}) {state}")
+    if at != head:
+        raise typer.Exit(1)
+
+
+def purge(
+    older_than: Annotated[
+        str | None,
+        typer.Option("--older-than", help="Age like 7d, 12h (default: SCRIBE_EVENTS_RETENTION_DAYS)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would go.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Delete stored events older than an age, straight from the database (the server may run)."""
+    settings = load_settings()
+    age = parse_duration(older_than) if older_than else parse_duration(f"{settings.retention_days}d")
+    cutoff = now_ms() - int(age.total_seconds() * 1000)
+    store = _store(settings)
+
+    async def run() -> int:
+        await store.start()
+        try:
+            if dry_run:
+                return await store.count_older(cutoff)
+            if as_json:
+                return await store.purge(cutoff)
+            with Progress(
+                TextColumn("purging"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+            ) as bar:
+                task = bar.add_task("purge", total=None)
+
+                def advance(done: int, total: int) -> None:
+                    bar.update(task, completed=done, total=total)
+
+                return await store.purge(cutoff, progress=advance)
+        finally:
+            await store.close()
+
+    count = asyncio.run(run())
+    if as_json:
+        print(json.dumps({"dry_run": dry_run, "cutoff": rfc3339(cutoff), "events": count}))
+    elif dry_run:
+        console.print(f"would purge [bold]{count}[/] events older than {rfc3339(cutoff)} (dry run)")
+    else:
+        console.print(f"[green]purged[/] {count} events older than {rfc3339(cutoff)}")
+
+
+def resend(
+    event: Annotated[list[int] | None, typer.Option("--event", help="Event id (repeatable).")] = None,
+    user: Annotated[str | None, typer.Option("--user", help="Failed deliveries of this user.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Failed since: 2h, 1d or an RFC 3339 time.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be resent.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    url: Annotated[str | None, typer.Option("--url", help="Server URL (env SCRIBE_EVENTS_URL).")] = None,
+    token: Annotated[
+        str | None, typer.Option("--token", help="Admin token (env SCRIBE_EVENTS_TOKEN).")
+    ] = None,
+) -> None:
+    """Re-send failed deliveries through a running server (by event id, by user, or since a time)."""
+    if not (event or user or since):
+        raise fail("say what to resend: --event ID, --user U and/or --since 2h")
+    settings = load_settings(url=url)
+    bearer = client_token(settings, token, "scribe-events-cli", ["admin"])
+    body: dict[str, Any] = {"event_ids": event or [], "user_id": user, "dry_run": dry_run}
+    if since:
+        body["since"] = parse_since(since).isoformat()
+    answer = asyncio.run(
+        client.request_json(settings.url, bearer, "POST", "/api/v1/admin/events/resend", json_body=body)
+    )
+    rows = answer["resent"]
+    if as_json:
+        print(json.dumps(answer))
+        return
+    table = Table(title=("would resend" if dry_run else "resent") + f" ({len(rows)})")
+    for column in ("event", "type", "user", "session", "reason", "failed at", "resent"):
+        table.add_column(column)
+    for r in rows:
+        table.add_row(
+            r["event_id"],
+            r["type"] or "(purged)",
+            r["user_id"],
+            r["session_id"] or "",
+            r["reason"],
+            r["failed_at"],
+            str(r["resend_count"] + (0 if dry_run else 1)),
+        )
+    console.print(table)
+
+
+def keygen() -> None:
+    """Print a new key for SCRIBE_EVENTS_ENCRYPTION_KEYS (put it first to rotate; keep the old ones)."""
+    print(new_key())
