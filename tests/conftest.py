@@ -1,9 +1,13 @@
 from __future__ import annotations
 
+import asyncio
+import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.harness import ThreadServer
@@ -29,3 +33,44 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
 @pytest.fixture
 def server(make_server: MakeServer) -> ThreadServer:
     return make_server()
+
+
+# --- real PostgreSQL: each test gets its own schema --------------------------------------------
+
+PG_URL = os.environ.get("SCRIBE_EVENTS_TEST_PG_URL", "postgresql+asyncpg://root@127.0.0.1:5432/test")
+REQUIRE_SERVICES = os.environ.get("SCRIBE_EVENTS_TEST_REQUIRE_SERVICES") == "1"
+
+
+def _pg_dsn() -> str:
+    return PG_URL.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _pg_execute(sql: str) -> None:
+    conn = await asyncpg.connect(_pg_dsn(), timeout=5)
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh PostgreSQL schema, dropped afterwards. Skips without PostgreSQL, except in CI."""
+    schema = "t_" + uuid.uuid4().hex[:16]
+    try:
+        asyncio.run(_pg_execute(f'CREATE SCHEMA "{schema}"'))
+    except (OSError, asyncpg.PostgresError) as exc:
+        if REQUIRE_SERVICES:
+            pytest.fail(f"PostgreSQL is required here and unreachable: {exc}")
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    yield schema
+    asyncio.run(_pg_execute(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
+    """Settings for a store on SQLite (a file of this test) or PostgreSQL (a schema of this test)."""
+    if request.param == "sqlite":
+        return {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"}
+    schema = request.getfixturevalue("pg_schema")
+    return {"database_url": PG_URL, "database_schema": schema, "auto_migrate": True}
