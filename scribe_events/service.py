@@ -64,10 +64,10 @@ class EventService:
         idempotency_key: str | None = None,
         request_hash: str = "",
     ) -> list[str]:
-        if any(e.sensitive for e in events):
-            # Encryption at rest (R7.7) is not built yet: never store a sensitive payload in clear.
+        if not self.settings.encryption_keys and any(e.sensitive for e in events):
+            # Never store a sensitive payload in clear (R7.7).
             raise ValidationFailed(
-                "sensitive events need encryption at rest, which is not configured",
+                "sensitive events are encrypted at rest; set SCRIBE_EVENTS_ENCRYPTION_KEYS on the server",
                 field="sensitive",
                 code="encryption_not_configured",
             )

@@ -30,8 +30,12 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def make(config: dict[str, Any], **kw: Any) -> SQLEventStore:
-    return SQLEventStore(config["database_url"], schema=config.get("database_schema"),
-                         auto_migrate=config.get("auto_migrate"), **kw)
+    return SQLEventStore(
+        config["database_url"],
+        schema=config.get("database_schema"),
+        auto_migrate=config.get("auto_migrate"),
+        **kw,
+    )
 
 
 def ev(user: str | None = "u", *, type_: str = "custom.e", n: int = 0, **kw: Any) -> Event:
@@ -60,7 +64,9 @@ def test_store_ids_rise_and_reads_respect_visibility(store_config: dict[str, Any
         assert [json.loads(e.data_json)["n"] for e in seen] == [1, 4, 5]
         with_session = await store.read(after=0, user_id="u", session_id="s1", limit=100)
         assert [json.loads(e.data_json)["n"] for e in with_session] == [1, 2, 4, 5]
-        assert [e.id for e in await store.read(after=ids[1], user_id="u", session_id="s1", limit=1)] == [ids[3]]
+        assert [e.id for e in await store.read(after=ids[1], user_id="u", session_id="s1", limit=1)] == [
+            ids[3]
+        ]
         assert await store.head() == more[0].id
         assert await store.oldest() == ids[0]
 
@@ -71,8 +77,12 @@ def test_store_keeps_latest_progress_per_task(store_config: dict[str, Any]) -> N
     async def body(store: SQLEventStore) -> None:
         for p in (10, 20):
             await store.append([ev("u", n=p, type_="task.progress-updated", replace_key="k:t1")])
-        await store.append([ev("u", n=30, type_="task.progress-updated", replace_key="k:t1"),
-                            ev("u", n=99, type_="task.progress-updated", replace_key="k:t2")])
+        await store.append(
+            [
+                ev("u", n=30, type_="task.progress-updated", replace_key="k:t1"),
+                ev("u", n=99, type_="task.progress-updated", replace_key="k:t2"),
+            ]
+        )
         rows = await store.read(after=0, user_id="u", session_id=None, limit=10)
         assert [json.loads(e.data_json)["n"] for e in rows] == [30, 99]
 
@@ -102,8 +112,13 @@ def test_store_idempotency_and_failures_roundtrip(store_config: dict[str, Any]) 
 def test_store_purge_removes_exactly_the_old_events(store_config: dict[str, Any]) -> None:
     now = now_ms()
     cutoff = now - 7 * DAY
-    ages = {"ten_days": now - 10 * DAY, "eight_days": now - 8 * DAY, "just_older": cutoff - 60_000,
-            "just_newer": cutoff + 60_000, "now": now}
+    ages = {
+        "ten_days": now - 10 * DAY,
+        "eight_days": now - 8 * DAY,
+        "just_older": cutoff - 60_000,
+        "just_newer": cutoff + 60_000,
+        "now": now,
+    }
 
     async def body(store: SQLEventStore) -> None:
         if store.dialect == "postgresql":
@@ -140,7 +155,9 @@ def test_store_sensitive_data_is_encrypted_and_keys_rotate(store_config: dict[st
 
     async def raw_rows(store: SQLEventStore) -> list[Any]:
         async with store._engine.connect() as conn:
-            return list((await conn.execute(sa.text("SELECT id, data, key_id FROM events ORDER BY id"))).all())
+            return list(
+                (await conn.execute(sa.text("SELECT id, data, key_id FROM events ORDER BY id"))).all()
+            )
 
     old_id = run(_with_store(store_config, write_old, cipher=Cipher(old_key)))
 
@@ -188,8 +205,12 @@ def test_store_concurrent_writers_in_two_processes_never_skip_or_repeat(store_co
     # Create the schema first, then two processes write with 4 concurrent tasks each while this
     # process reads "everything after the last id I saw" in a loop, as a resuming client does.
     run(_with_store(store_config, lambda store: asyncio.sleep(0)))
-    env = {**os.environ, "URL": store_config["database_url"], "SCHEMA": store_config.get("database_schema") or "",
-           "BATCHES": "60"}
+    env = {
+        **os.environ,
+        "URL": store_config["database_url"],
+        "SCHEMA": store_config.get("database_schema") or "",
+        "BATCHES": "60",
+    }
     writers = [subprocess.Popen([sys.executable, "-c", _WRITER, tag], env=env) for tag in ("a", "b")]
 
     async def read_along(store: SQLEventStore) -> tuple[list[int], list[int]]:
@@ -221,8 +242,14 @@ def test_db_upgrade_and_current_commands(store_config: dict[str, Any], tmp_path:
         env["SCRIBE_EVENTS_DATABASE_SCHEMA"] = store_config["database_schema"]
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "scribe_events_cli", *args], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "scribe_events_cli", *args],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     before = cli("db", "current")
     assert before.returncode == 1 and "needs `scribe-events db upgrade`" in before.stdout
