@@ -231,6 +231,7 @@ def _json_line(message: client.Message) -> str:
 
 
 app.add_typer(store_cmds.db_app, name="db")
+app.add_typer(store_cmds.bench_app, name="bench")
 app.command()(friendly(store_cmds.purge))
 app.command()(friendly(store_cmds.resend))
 app.command()(store_cmds.keygen)

@@ -169,3 +169,47 @@ def resend(
 def keygen() -> None:
     """Print a new key for SCRIBE_EVENTS_ENCRYPTION_KEYS (put it first to rotate; keep the old ones)."""
     print(new_key())
+
+
+bench_app = typer.Typer(help="Benchmarks (the stream's are in benchmarks/ssebench.sh).", no_args_is_help=True)
+
+
+@bench_app.command("store")
+@friendly
+def bench_store(
+    database_url: Annotated[
+        str | None, typer.Option(help="A PostgreSQL or SQLite URL (default: a temp SQLite file).")
+    ] = None,
+    lone: Annotated[int, typer.Option(min=1, help="Events published one at a time.")] = 500,
+    events: Annotated[int, typer.Option(min=1, help="Events published under load.")] = 20_000,
+    concurrency: Annotated[int, typer.Option(min=1, help="Concurrent publishers under load.")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Events/s stored with group commit: a lone publisher, and many at once (on a throw-away database)."""
+    from scribe_events.bench import store_bench
+
+    result = asyncio.run(store_bench(database_url, lone=lone, events=events, concurrency=concurrency))
+    if as_json:
+        print(json.dumps(result))
+        return
+    table = Table(title=f"group commit on {result['store']}")
+    for column in ("load", "events", "events/s", "p50 ms", "p99 ms", "events/batch"):
+        table.add_column(column, justify="right")
+    a, b = result["lone"], result["loaded"]
+    table.add_row(
+        "lone (1 at a time)",
+        str(a["events"]),
+        f"{a['events_per_s']:,.0f}",
+        f"{a['p50_ms']:.2f}",
+        f"{a['p99_ms']:.2f}",
+        "1",
+    )
+    table.add_row(
+        f"{b['concurrency']} concurrent",
+        str(b["events"]),
+        f"{b['events_per_s']:,.0f}",
+        f"{b['p50_ms']:.2f}",
+        f"{b['p99_ms']:.2f}",
+        f"{b['events_per_batch']:.1f}",
+    )
+    console.print(table)

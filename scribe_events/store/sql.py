@@ -207,10 +207,11 @@ class SQLEventStore(EventStore):
                 row["id"] = id_
             await conn.execute(sa.insert(events), rows)
             return ids
-        result = await conn.execute(
-            sa.insert(events).returning(events.c.id, sort_by_parameter_order=True), rows
-        )
-        return [int(r[0]) for r in result]
+        # SQLite: the write lock is ours from the first insert to the commit, so one executemany
+        # gets consecutive AUTOINCREMENT ids ending at last_insert_rowid().
+        await conn.execute(sa.insert(events), rows)
+        last = int((await conn.exec_driver_sql("SELECT last_insert_rowid()")).scalar_one())
+        return list(range(last - len(rows) + 1, last + 1))
 
     # -- reading -----------------------------------------------------------------------------------
 
