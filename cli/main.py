@@ -64,11 +64,12 @@ def serve(
     ] = None,
 ) -> None:
     """Run the service. With no configuration: SQLite file, in-process broker, generated dev secret."""
-    from scribe_events.server import run
+    from scribe_events.server import preflight, run
 
     settings = load_settings(
         host=host, port=port, heartbeat_s=heartbeat, log_level=log_level, access_log=access_log
     )
+    asyncio.run(preflight(settings))
     if settings.is_default_setup:
         _welcome(settings)
     run(settings, fd=fd)

@@ -9,7 +9,11 @@ from typing import Any
 
 import uvicorn
 
+from scribe_events.auth import TokenVerifier
+from scribe_events.broker import make_broker
 from scribe_events.config import Settings
+from scribe_events.exceptions import ScribeEventsError
+from scribe_events.store import make_store
 from scribe_events.web import ScribeApp, create_app
 from scribe_events.web.protocol import StreamingHttpToolsProtocol
 
@@ -64,6 +68,19 @@ def build_server(settings: Settings, *, fd: int | None = None, **overrides: Any)
         **overrides,
     )
     return Server(config, app)
+
+
+async def preflight(settings: Settings) -> None:
+    """Fail before uvicorn starts, with one clear error, when the configuration cannot work:
+    no usable JWT key, a store that cannot be opened or whose schema is behind, an unknown broker."""
+    try:
+        TokenVerifier(settings, create_secret=True)
+        make_broker(settings)
+    except (ValueError, NotImplementedError) as exc:
+        raise ScribeEventsError(str(exc), code="bad_configuration") from exc
+    store = make_store(settings)
+    await store.start()  # migrates on the embedded default; otherwise checks the schema
+    await store.close()
 
 
 def run(settings: Settings, *, fd: int | None = None) -> None:

@@ -126,7 +126,8 @@ class EventService:
         after_id = parse_id(after)
         if after_id is None:
             raise BadRequest("'after' must be an event id (a non-negative integer)", code="invalid_after")
-        if after_id > head or after_id < await self.store.purged_through():
+        # after=0 pages through everything retained; a later id from before a purge may have gaps.
+        if after_id > head or 0 < after_id < await self.store.purged_through():
             body["last_id"] = str(head)
             body["truncated"] = True
             return body

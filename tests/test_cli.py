@@ -197,3 +197,29 @@ def test_cli_serve_sigterm_ends_streams_cleanly(tmp_path: Path) -> None:
     finally:
         stream.close()
         server.close()
+
+
+def test_cli_serve_refuses_an_unmigrated_postgresql_schema_with_one_line(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    from tests.conftest import PG_URL
+
+    out = cli(
+        "serve",
+        "--port",
+        str(free_port()),
+        cwd=tmp_path,
+        env={
+            "SCRIBE_EVENTS_DATABASE_URL": PG_URL,
+            "SCRIBE_EVENTS_DATABASE_SCHEMA": pg_schema,
+            "SCRIBE_EVENTS_JWT_SECRET": "s" * 40,
+        },
+    )
+    assert out.returncode == 1
+    assert "run `scribe-events db upgrade`" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+
+
+def test_cli_serve_refuses_a_bad_setting_with_one_line(tmp_path: Path) -> None:
+    out = cli("serve", cwd=tmp_path, env={"SCRIBE_EVENTS_HEARTBEAT_S": "-1"})
+    assert out.returncode == 1 and "heartbeat_s" in out.stderr and "Traceback" not in out.stderr

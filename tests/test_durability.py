@@ -345,3 +345,25 @@ def test_publish_the_store_cannot_take_is_503_and_nothing_half_done(
     )
     assert [e["type"] for e in body.json()["events"]] == ["custom.a", "custom.c"]
     assert int(second) > int(first)
+
+
+def test_admin_purge_endpoint(server: ThreadServer) -> None:
+    _old_events(server.db_path, [12, 9])
+    server.publish_ok({"type": "custom.new", "user_id": "demo"})
+    dry = httpx.post(
+        server.url + "/api/v1/admin/events/purge",
+        headers=_admin(server),
+        json={"older_than_days": 7, "dry_run": True},
+    ).json()
+    assert dry["dry_run"] is True and dry["events"] == 2
+    done = httpx.post(
+        server.url + "/api/v1/admin/events/purge", headers=_admin(server), json={"older_than_days": 7}
+    ).json()
+    assert done["events"] == 2
+    left = httpx.get(
+        server.url + "/api/v1/events?after=0", headers={"Authorization": f"Bearer {server.token('demo')}"}
+    )
+    assert [e["type"] for e in left.json()["events"]] == ["custom.new"]
+    # A client resuming from before the purge is told so.
+    with server.stream("demo", headers={"Last-Event-ID": "1"}) as s:
+        assert s.read_count(1, event="replay.truncated")[0].json()["last_event_id"] == "1"

@@ -259,3 +259,24 @@ def test_db_upgrade_and_current_commands(store_config: dict[str, Any], tmp_path:
     assert "up to date" in again.stdout
     current = json.loads(cli("db", "current", "--json").stdout)
     assert current["current"] == current["head"] == "0001"
+
+
+def test_retention_job_purges_by_age_then_by_size(store_config: dict[str, Any]) -> None:
+    from scribe_events.config import Settings
+    from scribe_events.retention import RetentionJob
+
+    now = now_ms()
+
+    async def body(store: SQLEventStore) -> None:
+        for age_days in (9, 8, 3, 2, 0):
+            await store.append([ev("u", n=age_days, time_ms=now - age_days * DAY - 1000)])
+        job = RetentionJob(store, Settings(retention_days=7, jwt_secret="x" * 40))
+        assert await job.run_once() == 2  # the 9- and 8-day-old events
+        left = await store.read(after=0, user_id="u", session_id=None, limit=10)
+        assert [json.loads(e.data_json)["n"] for e in left] == [3, 2, 0]
+        job.max_bytes = 1  # far over the size limit: oldest days go, today's events stay
+        assert await job.run_once() == 2
+        left = await store.read(after=0, user_id="u", session_id=None, limit=10)
+        assert [json.loads(e.data_json)["n"] for e in left] == [0]
+
+    run(_with_store(store_config, body))
