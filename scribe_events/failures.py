@@ -9,7 +9,6 @@ connection should have received (its user, session and type filter) are the fail
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from scribe_events.events import TypeFilter, now_ms
 from scribe_events.exceptions import StoreUnavailable
 from scribe_events.hub import Connection, Hub
 from scribe_events.store import EventStore, FailedDelivery
+from scribe_events.tasks import cancel, spawn
 
 log = logging.getLogger("scribe_events.failures")
 
@@ -65,14 +65,11 @@ class FailureRecorder:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="scribe-failures")
+        self._task = spawn(self._run(), "scribe-failures")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         await self.flush()
 
     async def _run(self) -> None:

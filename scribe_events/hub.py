@@ -19,6 +19,7 @@ from typing import Any, Protocol
 
 from scribe_events import sse
 from scribe_events.events import Delivery, TypeFilter, dumps, now_ms, rfc3339
+from scribe_events.tasks import cancel, spawn
 
 log = logging.getLogger("scribe_events.hub")
 
@@ -248,7 +249,7 @@ class Hub:
     # -- heartbeat and shutdown ------------------------------------------------------------------
 
     def start(self) -> None:
-        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(), name="scribe-heartbeat")
+        self._heartbeat = spawn(self._beat(), "scribe-heartbeat")
 
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()
@@ -269,10 +270,8 @@ class Hub:
     async def close(self) -> None:
         """Graceful end: stop the heartbeat, finish every stream's chunked body, close the sockets."""
         self.closing = True
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
-            self._heartbeat = None
+        await cancel(self._heartbeat)
+        self._heartbeat = None
         for conn in list(self.connections.values()):
             conn.closed_reason = "shutdown"
             with contextlib.suppress(Exception):

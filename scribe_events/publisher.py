@@ -25,6 +25,7 @@ from scribe_events.broker import Broker
 from scribe_events.events import Event
 from scribe_events.exceptions import StoreUnavailable
 from scribe_events.store import EventStore, IdempotencyRecord
+from scribe_events.tasks import spawn
 
 log = logging.getLogger("scribe_events.publisher")
 
@@ -69,7 +70,7 @@ class Publisher:
         self.behind = True
         await self._relay()
         await self._save_watermark()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="scribe-publisher")
+        self._task = spawn(self._run(), "scribe-publisher")
 
     async def close(self) -> None:
         """Stop taking events, finish every one already accepted, save the watermark."""

@@ -4,7 +4,6 @@ older than ``retention_days`` — earlier, oldest first, while the store is over
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from scribe_events.config import Settings
@@ -12,6 +11,7 @@ from scribe_events.events import now_ms
 from scribe_events.exceptions import StoreUnavailable
 from scribe_events.store import EventStore
 from scribe_events.store.retention import DAY_MS, cutoff_for, day_start
+from scribe_events.tasks import cancel, spawn
 
 log = logging.getLogger("scribe_events.retention")
 
@@ -25,14 +25,11 @@ class RetentionJob:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="scribe-retention")
+        self._task = spawn(self._run(), "scribe-retention")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from scribe_events.events import Event, now_ms
 from scribe_events.exceptions import StoreUnavailable
 from scribe_events.store import FailedDelivery, IdempotencyRecord, retention
 from scribe_events.store.sql import SQLEventStore
+from tests.harness import cli
 
 T = TypeVar("T")
 DAY = 86_400_000
@@ -236,28 +237,17 @@ def test_store_concurrent_writers_in_two_processes_never_skip_or_repeat(store_co
 
 
 def test_db_upgrade_and_current_commands(store_config: dict[str, Any], tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SCRIBE_EVENTS_")}
-    env["SCRIBE_EVENTS_DATABASE_URL"] = store_config["database_url"]
+    env = {"SCRIBE_EVENTS_DATABASE_URL": store_config["database_url"]}
     if store_config.get("database_schema"):
         env["SCRIBE_EVENTS_DATABASE_SCHEMA"] = store_config["database_schema"]
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "scribe_events_cli", *args],
-            env=env,
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-
-    before = cli("db", "current")
+    before = cli("db", "current", cwd=tmp_path, env=env)
     assert before.returncode == 1 and "needs `scribe-events db upgrade`" in before.stdout
-    upgraded = cli("db", "upgrade")
+    upgraded = cli("db", "upgrade", cwd=tmp_path, env=env)
     assert upgraded.returncode == 0 and "upgraded" in upgraded.stdout, upgraded.stderr
-    again = cli("db", "upgrade")
+    again = cli("db", "upgrade", cwd=tmp_path, env=env)
     assert "up to date" in again.stdout
-    current = json.loads(cli("db", "current", "--json").stdout)
+    current = json.loads(cli("db", "current", "--json", cwd=tmp_path, env=env).stdout)
     assert current["current"] == current["head"] == "0001"
 
 

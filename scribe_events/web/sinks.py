@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import deque
 from typing import Any
 
 from scribe_events import sse
+from scribe_events.tasks import cancel, spawn
 
 
 class AsgiSink:
@@ -23,7 +23,7 @@ class AsgiSink:
         self._wake = asyncio.Event()
         self._closing = False
         self._aborted = False
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self._task = spawn(self._run(), "scribe-asgi-sink")
 
     def write(self, data: bytes) -> None:
         if self._closing:
@@ -71,9 +71,7 @@ class AsgiSink:
             while (await receive())["type"] != "http.disconnect":
                 pass
 
-        listener = asyncio.get_running_loop().create_task(disconnected())
+        listener = spawn(disconnected(), "scribe-asgi-disconnect")
         await asyncio.wait({listener, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (listener, self._task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel(listener)
+        await cancel(self._task)
