@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
 
 from scribe_events.config import Settings
-from scribe_events.exceptions import Forbidden, InvalidToken, RateLimited, Unauthorized
+from scribe_events.exceptions import Forbidden, InvalidToken, Unauthorized
 
 ROLE_PUBLISHER = "publisher"
 ROLE_ADMIN = "admin"
@@ -127,35 +125,3 @@ def mint_token(
     if issuer:
         claims["iss"] = issuer
     return jwt.encode(claims, secret, algorithm=algorithm)
-
-
-class MemoryTickets:
-    """Single-use tickets held in this process. (With Redis configured they live in Redis.)"""
-
-    MAX_OUTSTANDING = 100_000
-
-    def __init__(self, ttl_s: int) -> None:
-        self.ttl_s = ttl_s
-        self._tickets: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
-
-    async def issue(self, principal: Principal) -> str:
-        self._expire()
-        if len(self._tickets) >= self.MAX_OUTSTANDING:
-            raise RateLimited("too many outstanding tickets", retry_after_s=self.ttl_s)
-        ticket = secrets.token_urlsafe(32)
-        self._tickets[ticket] = (time.monotonic() + self.ttl_s, principal)
-        return ticket
-
-    async def redeem(self, ticket: str) -> Principal:
-        entry = self._tickets.pop(ticket, None)
-        if entry is None or entry[0] < time.monotonic():
-            raise InvalidToken("the ticket is unknown, expired or already used")
-        return entry[1]
-
-    def _expire(self) -> None:
-        now = time.monotonic()
-        while self._tickets:
-            ticket, (expires, _) = next(iter(self._tickets.items()))
-            if expires >= now:
-                break
-            del self._tickets[ticket]

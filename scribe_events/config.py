@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # Run migrations at start-up. Unset: only on SQLite (PostgreSQL: `scribe-events db upgrade`).
     auto_migrate: bool | None = None
     redis_url: str | None = None
+    # Prefix of every Redis key and channel (several deployments, or tests, can share one Redis).
+    redis_prefix: str = "scribe-events:"
 
     jwt_secret: str | None = None
     jwt_secret_file: str = DEFAULT_SECRET_FILE

@@ -252,27 +252,51 @@ class Event:
 
     def delivery(self) -> Delivery:
         """Encode once for this instance. Live-only events carry no ``id:`` line (nothing to resume)."""
-        env = self.envelope()
-        ordered = self.id is not None and not self.resend
-        frame = sse.frame(env, event=self.type, id=self.wire_id if ordered else None)
-        return Delivery(self, self.wire_id, env, sse.chunk(frame), ordered)
+        seq = self.id if not self.resend else None
+        return Delivery.build(
+            self.wire_id, seq, self.type, self.user_id, self.session_id, self.broadcast, self.envelope()
+        )
 
 
 class Delivery:
     """An event ready for the wire: routing fields copied flat for the hub's loop, bytes made once."""
 
-    __slots__ = ("broadcast", "chunk", "envelope", "event", "id", "seq", "session_id", "type", "user_id")
+    __slots__ = ("broadcast", "chunk", "envelope", "id", "seq", "session_id", "type", "user_id")
 
-    def __init__(self, event: Event, id: str, envelope: str, chunk: bytes, ordered: bool) -> None:
-        self.event = event
+    def __init__(
+        self,
+        id: str,
+        seq: int | None,
+        type: str,
+        user_id: str | None,
+        session_id: str | None,
+        broadcast: bool,
+        envelope: str,
+        chunk: bytes,
+    ) -> None:
         self.id = id
-        self.seq = event.id if ordered else None  # the stored id; None for live-only and resent events
-        self.type = event.type
-        self.user_id = event.user_id
-        self.session_id = event.session_id
-        self.broadcast = event.broadcast
+        self.seq = seq  # the stored id, which rises within a stream; None for live-only and resent events
+        self.type = type
+        self.user_id = user_id
+        self.session_id = session_id
+        self.broadcast = broadcast
         self.envelope = envelope
         self.chunk = chunk
+
+    @classmethod
+    def build(
+        cls,
+        id: str,
+        seq: int | None,
+        type: str,
+        user_id: str | None,
+        session_id: str | None,
+        broadcast: bool,
+        envelope: str,
+    ) -> Delivery:
+        """Encode the frame and its HTTP chunk, once. Only ordered (stored) events get an ``id:`` line."""
+        frame = sse.frame(envelope, event=type, id=id if seq is not None else None)
+        return cls(id, seq, type, user_id, session_id, broadcast, envelope, sse.chunk(frame))
 
 
 # --- parsing what a publisher sent --------------------------------------------------------------

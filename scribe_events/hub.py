@@ -42,11 +42,12 @@ class Connection:
     """One open stream. ``pending`` is a list while the stream replays, ``None`` once it is live."""
 
     __slots__ = (
+        "backlog_from",
         "buffer_size",
         "closed_reason",
         "connected_at",
-        "flushed_seq",
         "id",
+        "last_seq",
         "pending",
         "remote",
         "session_id",
@@ -77,13 +78,21 @@ class Connection:
         self.write: Callable[[bytes], Any] = sink.write
         self.buffer_size: Callable[[], int] = sink.get_write_buffer_size
         self.pending: list[Delivery] | None = [] if replaying else None
-        # The last stored event known to have left the write buffer (set by the hub). If the
-        # connection is cut, the events after it are the ones recorded as failed deliveries.
-        self.flushed_seq = 0
+        # The newest stored event written to this stream: a live delivery at or below it is a
+        # duplicate (an outbox re-publish, or the replay seam) and is skipped.
+        self.last_seq = 0
+        # While the socket has a backlog: the last stored event written before it began (-1: none).
+        self.backlog_from = -1
         self.connected_at = time.time()
         self.remote = remote
         self.user_agent = user_agent
         self.closed_reason: str | None = None
+
+    @property
+    def flushed_seq(self) -> int:
+        """The last stored event known to have left the write buffer. If the connection is cut,
+        the events after it are the ones recorded as failed deliveries."""
+        return self.backlog_from if self.backlog_from >= 0 else self.last_seq
 
     def wants(self, d: Delivery) -> bool:
         """Routing and type filter, for the slow paths (the hub's loop inlines this)."""
@@ -108,6 +117,8 @@ class Hub:
         self._by_user: dict[str, set[Connection]] = {}
         self._by_session: dict[tuple[str, str], set[Connection]] = {}
         self.on_cut: list[FailureHook] = []
+        self.on_add: list[Callable[[Connection], None]] = []
+        self.on_remove: list[Callable[[Connection], None]] = []
         self.delivered = 0
         self.cut_off = 0
         self.last_seq = 0  # the newest stored event dispatched
@@ -118,8 +129,10 @@ class Hub:
 
     def add(self, conn: Connection, *, from_seq: int | None = None) -> None:
         """Register a connection; ``from_seq`` is where a resuming one replays from."""
-        conn.flushed_seq = self.last_seq if from_seq is None else from_seq
+        conn.last_seq = self.last_seq if from_seq is None else from_seq
         self.connections[conn.id] = conn
+        for hook in self.on_add:
+            hook(conn)
         self._by_user.setdefault(conn.user_id, set()).add(conn)
         if conn.session_id is not None:
             self._by_session.setdefault((conn.user_id, conn.session_id), set()).add(conn)
@@ -136,6 +149,8 @@ class Hub:
         if self.connections.pop(conn.id, None) is None:
             return
         conn.closed_reason = conn.closed_reason or reason
+        for hook in self.on_remove:
+            hook(conn)
         _discard(self._by_user, conn.user_id, conn)
         if conn.session_id is not None:
             _discard(self._by_session, (conn.user_id, conn.session_id), conn)
@@ -155,6 +170,9 @@ class Hub:
 
     def users(self) -> list[str]:
         return list(self._by_user)
+
+    def of_user(self, user_id: str) -> list[Connection]:
+        return list(self._by_user.get(user_id, EMPTY))
 
     # -- the hot path ----------------------------------------------------------------------------
 
@@ -182,17 +200,24 @@ class Hub:
                         troubled = troubled or []
                         troubled.append((c, "slow_client"))
                     continue
+                if seq is not None and seq <= c.last_seq:
+                    continue  # already sent (relayed again, or covered by its replay)
                 try:
                     c.write(chunk)
                     if c.buffer_size():
+                        if c.backlog_from < 0:
+                            c.backlog_from = c.last_seq
                         if c.buffer_size() > limit:
                             troubled = troubled or []
                             troubled.append((c, "slow_client"))
-                    elif seq is not None:
-                        c.flushed_seq = seq
+                    elif c.backlog_from >= 0:
+                        c.backlog_from = -1
+                    if seq is not None:
+                        c.last_seq = seq
                 except Exception:  # a transport that is already closing
                     troubled = troubled or []
                     troubled.append((c, "write_error"))
+                    continue
                 delivered += 1
             if seq is not None:
                 self.last_seq = seq
@@ -231,20 +256,31 @@ class Hub:
             self.cut(conn, "write_error")
             return False
         size = conn.buffer_size()
+        if size and conn.backlog_from < 0:
+            conn.backlog_from = conn.last_seq
+        elif not size:
+            conn.backlog_from = -1
+        if seq is not None:
+            conn.last_seq = max(conn.last_seq, seq)
         if size > self.max_buffer:
             self.cut(conn, "slow_client")
             return False
-        if not size and seq is not None:
-            conn.flushed_seq = seq
         return True
 
     def go_live(self, conn: Connection, after_seq: int) -> None:
-        """End a replay: send what arrived meanwhile (skipping what the replay already sent)."""
+        """End a replay: send what arrived meanwhile, skipping what the replay already sent."""
         pending, conn.pending = conn.pending or [], None
-        fresh = [d for d in pending if d.seq is None or d.seq > after_seq]
-        if fresh:
-            self.delivered += len(fresh)
-            self.write_direct(conn, [d.chunk for d in fresh], max((d.seq or 0 for d in fresh), default=None))
+        top = max(after_seq, conn.last_seq)
+        chunks = []
+        for d in pending:
+            if d.seq is not None:
+                if d.seq <= top:
+                    continue
+                top = d.seq
+            chunks.append(d.chunk)
+        if chunks:
+            self.delivered += len(chunks)
+            self.write_direct(conn, chunks, top)
 
     # -- heartbeat and shutdown ------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ already had it only as a duplicate id, which they (and the hub) drop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -67,9 +68,10 @@ class Publisher:
     async def start(self) -> None:
         """Load the watermark and relay whatever was committed but never published, then start."""
         self.published_through = self._saved_through = await self.store.get_meta(WATERMARK)
-        self.behind = True
-        await self._relay()
-        await self._save_watermark()
+        async with self._ordered():
+            self.behind = True
+            await self._relay()
+            await self._save_watermark()
         self._task = spawn(self._run(), "scribe-publisher")
 
     async def close(self) -> None:
@@ -127,32 +129,60 @@ class Publisher:
 
     async def _idle(self) -> None:
         try:
+            if self.broker.shared:
+                # Any instance relays what another committed but never published (it died, or
+                # Redis failed): whoever gets the lock while idle checks the global watermark.
+                async with self.store.publish_lock(wait=False) as held:
+                    if held:
+                        await self._sync_shared_watermark()
+                        await self._save_watermark()
+                return
             if self.behind:
                 await self._relay()
             await self._save_watermark()
         except Exception:
             log.exception("outbox upkeep failed; retrying")
 
+    def _ordered(self) -> contextlib.AbstractAsyncContextManager[bool]:
+        """With a shared broker, hold the store's publish lock from COMMIT through PUBLISH."""
+        return self.store.publish_lock() if self.broker.shared else contextlib.nullcontext(True)
+
+    async def _sync_shared_watermark(self) -> None:
+        watermark = await self.store.get_meta(WATERMARK)
+        if watermark > self.published_through:
+            self.published_through = self._saved_through = watermark
+        self.behind = True  # let the relay look for committed events nobody published
+        await self._relay()
+
     async def _commit(self, jobs: list[_Job]) -> None:
         events = [e for job in jobs for e in job.events]
         important = [e for e in events if e.persist]
         claims = [(job.claim, job.events) for job in jobs if job.claim is not None]
-        try:
-            if important or claims:
-                await self.store.append(important, claims)
-        except StoreUnavailable as exc:
+        refused: StoreUnavailable | None = None
+        async with self._ordered():
+            if self.broker.shared:
+                await self._sync_shared_watermark()
+            try:
+                if important or claims:
+                    await self.store.append(important, claims)
+            except StoreUnavailable as exc:
+                refused = exc
+            else:
+                self.batches += 1
+                self.stored += len(important)
+                if "kill_after_commit" in self.faults and important:
+                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die between commit and publish
+                await self._publish(events)
+                if self.broker.shared:
+                    await self._save_watermark()
+        if refused is not None:
             if len(jobs) > 1:  # one bad job must not fail its neighbours
                 for job in jobs:
                     await self._commit([job])
                 return
-            log.error("store refused %d event(s): %s", len(events), exc)
-            settle(jobs[0].future, exc=exc)
+            log.error("store refused %d event(s): %s", len(events), refused)
+            settle(jobs[0].future, exc=refused)
             return
-        self.batches += 1
-        self.stored += len(important)
-        if "kill_after_commit" in self.faults and important:
-            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die between commit and publish
-        await self._publish(events)
         for job in jobs:
             settle(job.future, result=[e.wire_id for e in job.events])
 
@@ -169,8 +199,8 @@ class Publisher:
     async def _to_broker(self, events: list[Event]) -> None:
         try:
             await self.broker.publish(events)
-        except Exception:
-            log.exception("the broker failed to publish %d event(s); the relay will retry", len(events))
+        except Exception as exc:
+            log.error("the broker failed to publish %d event(s): %s; the relay will retry", len(events), exc)
             self.behind = True
             return
         ids = [e.id for e in events if e.persist and e.id is not None]
@@ -180,6 +210,8 @@ class Publisher:
     async def _relay(self) -> None:
         """Publish every stored event after the watermark, in id order, until caught up."""
         while self.behind:
+            if not await self.broker.ready():
+                return  # stored events wait; the relay tries again once the broker is back
             pending = await self.store.read_all(after=self.published_through, limit=RELAY_PAGE)
             if not pending:
                 self.behind = False

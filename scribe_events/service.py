@@ -6,37 +6,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from scribe_events.auth import Principal
 from scribe_events.broker import Broker
 from scribe_events.config import Settings
+from scribe_events.control import Control
 from scribe_events.events import Event, TypeFilter, dumps, now_ms, rfc3339
 from scribe_events.exceptions import BadRequest, Conflict, ValidationFailed
-from scribe_events.hub import Hub
 from scribe_events.publisher import Publisher, settle
+from scribe_events.state import SharedState
 from scribe_events.store import EventStore, FailedDelivery, IdempotencyRecord
 from scribe_events.store.retention import cutoff_for
 
 log = logging.getLogger("scribe_events.service")
 
-
-@dataclass(slots=True)
-class PushMode:
-    """Run-time push mode (R6.6): all users on SSE, all on polling, or a percentage on SSE."""
-
-    mode: Literal["sse", "polling"] = "sse"
-    sse_percent: int = 100
-
-    def for_user(self, user_id: str) -> Literal["sse", "polling"]:
-        if self.mode == "polling":
-            return "polling"
-        if self.sse_percent >= 100:
-            return "sse"
-        return "sse" if zlib.crc32(user_id.encode()) % 100 < self.sse_percent else "polling"
+IDEMPOTENCY_WAIT_STEPS = 200  # x 50 ms: how long a retry waits for another instance storing it
 
 
 @dataclass(slots=True)
@@ -53,7 +40,8 @@ class EventService:
     store: EventStore
     broker: Broker
     publisher: Publisher
-    push_mode: PushMode = field(default_factory=PushMode)
+    state: SharedState
+    control: Control
     _inflight: dict[tuple[str, str], tuple[str, asyncio.Future[list[str]]]] = field(default_factory=dict)
 
     async def publish(
@@ -81,13 +69,7 @@ class EventService:
         fut: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
         self._inflight[slot] = (request_hash, fut)
         try:
-            record = await self.store.idempotency(*slot)
-            if record is not None:
-                _check_same(record.request_hash, request_hash)
-                ids = list(record.ids)
-            else:
-                claim = IdempotencyRecord(principal.user_id, idempotency_key, request_hash, ())
-                ids = await self.publisher.submit(events, claim)
+            ids = await self._publish_once(slot, events, request_hash)
             settle(fut, result=ids)
             return ids
         except BaseException as exc:
@@ -95,6 +77,27 @@ class EventService:
             raise
         finally:
             self._inflight.pop(slot, None)
+
+    async def _publish_once(self, slot: tuple[str, str], events: list[Event], request_hash: str) -> list[str]:
+        """Store a keyed request once, also when its retry arrives at another instance meanwhile."""
+        for _ in range(IDEMPOTENCY_WAIT_STEPS):
+            record = await self.store.idempotency(*slot)
+            if record is not None:
+                _check_same(record.request_hash, request_hash)
+                return list(record.ids)
+            if await self.state.claim(*slot):
+                try:
+                    if (record := await self.store.idempotency(*slot)) is not None:
+                        _check_same(record.request_hash, request_hash)
+                        return list(record.ids)
+                    claim = IdempotencyRecord(slot[0], slot[1], request_hash, ())
+                    return await self.publisher.submit(events, claim)
+                finally:
+                    await self.state.release(*slot)
+            await asyncio.sleep(0.05)  # another instance is storing this very request
+        raise Conflict(
+            "a request with this Idempotency-Key is still being stored; retry", code="idempotency_busy"
+        )
 
     async def plan_resume(self, last_event_id: str | None) -> ResumePlan:
         if last_event_id is None:
@@ -117,7 +120,7 @@ class EventService:
         limit: int,
         types: TypeFilter | None,
     ) -> dict[str, Any]:
-        mode = self.push_mode.for_user(principal.user_id)
+        mode = self.control.mode_for(principal.user_id)
         body: dict[str, Any] = {"events": [], "mode": mode, "poll_interval_s": self.settings.poll_interval_s}
         head = await self.store.head()
         if after is None:
@@ -140,23 +143,6 @@ class EventService:
         else:
             body["last_id"] = str(max(head, after_id))
         return body
-
-    async def set_push_mode(self, mode: Literal["sse", "polling"], sse_percent: int, hub: Hub) -> None:
-        """Change the push mode and tell every connected user of this instance their mode."""
-        self.push_mode = PushMode(mode, sse_percent)
-        users = hub.users()
-        if not users:
-            return
-        events = [
-            Event(
-                "system.push-mode",
-                dumps({"mode": self.push_mode.for_user(u), "poll_interval_s": self.settings.poll_interval_s}),
-                user_id=u,
-                persist=False,
-            )
-            for u in users
-        ]
-        await self.publisher.submit(events)
 
     async def failed(
         self,
@@ -226,7 +212,7 @@ class EventService:
     def config_for(self, principal: Principal) -> dict[str, Any]:
         s = self.settings
         return {
-            "mode": self.push_mode.for_user(principal.user_id),
+            "mode": self.control.mode_for(principal.user_id),
             "poll_interval_s": s.poll_interval_s,
             "heartbeat_interval_s": s.heartbeat_s,
             "reconnect": {

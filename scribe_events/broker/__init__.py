@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from scribe_events.broker.base import Broker, DeliverySink
+from scribe_events.broker.base import Broker, ControlHook, DeliverySink
 from scribe_events.broker.memory import MemoryBroker
 from scribe_events.config import Settings
+from scribe_events.constants import RedisKeys
+from scribe_events.store import EventStore
 
-__all__ = ["Broker", "DeliverySink", "MemoryBroker", "make_broker"]
+__all__ = ["Broker", "ControlHook", "DeliverySink", "MemoryBroker", "make_broker"]
+
+CATCH_UP_PAGE = 1000
 
 
-def make_broker(settings: Settings) -> Broker:
-    if settings.redis_url:
-        raise NotImplementedError(
-            "the Redis broker is not part of this version; unset SCRIBE_EVENTS_REDIS_URL"
-        )
-    return MemoryBroker(settings.instance_id)
+def make_broker(settings: Settings, store: EventStore | None = None, *, last_seq: int = 0) -> Broker:
+    if not settings.redis_url:
+        return MemoryBroker()
+    from scribe_events.broker.redis import RedisBroker
+
+    async def catch_up(after: int) -> list:  # type: ignore[type-arg]
+        return [] if store is None else await store.read_all(after=after, limit=CATCH_UP_PAGE)
+
+    return RedisBroker(
+        settings.redis_url, RedisKeys(settings.redis_prefix), catch_up=catch_up, last_seq=last_seq
+    )

@@ -1,22 +1,29 @@
-"""The broker interface: committed events in, deliveries out to this instance's hub.
+"""The broker interface: committed events in, deliveries out to every instance's hub.
 
-A broker keeps one subscription per instance (never one per connection). ``publish`` takes events in
-commit order and must hand them to every instance's sink in that same order; each instance builds the
-wire bytes of an event once (:meth:`~scribe_events.events.Event.delivery`).
+A broker keeps one subscription per instance (never one per connection). ``publish`` takes events
+in commit order and must hand them to every instance's sink in that same order; each instance builds
+the wire bytes of an event once. Control messages (push mode, bans) reach every instance too.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from scribe_events.events import Delivery, Event
 
 DeliverySink = Callable[[Sequence[Delivery]], None]
+ControlHook = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class Broker(abc.ABC):
     name: str = "broker"
+    # True when other instances share it: publishing must then be ordered across instances.
+    shared: bool = False
+
+    def __init__(self) -> None:
+        self.on_control: ControlHook | None = None
 
     @abc.abstractmethod
     async def start(self, sink: DeliverySink) -> None:
@@ -25,6 +32,11 @@ class Broker(abc.ABC):
     @abc.abstractmethod
     async def publish(self, events: Sequence[Event]) -> None:
         """Send events (ids already assigned) to every instance, in order."""
+
+    async def publish_control(self, message: dict[str, Any]) -> None:
+        """Tell every instance (this one included) about a change of shared state."""
+        if self.on_control is not None:
+            await self.on_control(message)
 
     @abc.abstractmethod
     async def close(self) -> None: ...

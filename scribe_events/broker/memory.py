@@ -11,8 +11,8 @@ from scribe_events.events import Event
 class MemoryBroker(Broker):
     name = "memory"
 
-    def __init__(self, instance: str) -> None:
-        self.instance = instance
+    def __init__(self) -> None:
+        super().__init__()
         self._sink: DeliverySink | None = None
 
     async def start(self, sink: DeliverySink) -> None:

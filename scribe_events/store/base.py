@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
 from scribe_events.events import Event, TypeFilter
@@ -57,6 +58,10 @@ class EventStore(abc.ABC):
         never later finds a new event with an id below N. Each idempotency claim is saved with
         the ids of its request's events.
         """
+
+    def publish_lock(self, *, wait: bool = True) -> contextlib.AbstractAsyncContextManager[bool]:
+        """A lock across instances, held from COMMIT to PUBLISH when the broker is shared."""
+        return _no_lock()
 
     @abc.abstractmethod
     async def read(
@@ -126,3 +131,8 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     async def maintain(self) -> None:
         """Periodic upkeep (PostgreSQL: day partitions ahead of time)."""
+
+
+@contextlib.asynccontextmanager
+async def _no_lock() -> AsyncIterator[bool]:
+    yield True

@@ -10,9 +10,10 @@ after N" without ever skipping an event:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -212,6 +213,37 @@ class SQLEventStore(EventStore):
         await conn.execute(sa.insert(events), rows)
         last = int((await conn.exec_driver_sql("SELECT last_insert_rowid()")).scalar_one())
         return list(range(last - len(rows) + 1, last + 1))
+
+    @contextlib.asynccontextmanager
+    async def publish_lock(self, *, wait: bool = True) -> AsyncIterator[bool]:
+        """Hold the cross-instance publish lock (PostgreSQL session advisory lock) for a block.
+
+        Publishers that share a broker hold it from their COMMIT through their PUBLISH, so every
+        instance sees events in id order. Yields whether the lock is held (``wait=False`` may fail).
+        A process that dies holding it loses it with its connection.
+        """
+        if self.dialect != "postgresql":
+            yield True
+            return
+        key = {"ns": _LOCK_NAMESPACE + 1, "key": self._lock_key}
+        try:
+            async with self._engine.connect() as conn:
+                if wait:
+                    await conn.execute(sa.text("SELECT pg_advisory_lock(:ns, :key)"), key)
+                    held = True
+                else:
+                    held = bool(
+                        (await conn.execute(sa.text("SELECT pg_try_advisory_lock(:ns, :key)"), key)).scalar()
+                    )
+                await conn.commit()
+                try:
+                    yield held
+                finally:
+                    if held:
+                        await conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :key)"), key)
+                        await conn.commit()
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("take the publish lock", exc) from exc
 
     # -- reading -----------------------------------------------------------------------------------
 

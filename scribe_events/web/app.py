@@ -15,19 +15,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from scribe_events import __version__
-from scribe_events.auth import MemoryTickets, TokenVerifier
+from scribe_events.auth import TokenVerifier
 from scribe_events.broker import Broker, make_broker
 from scribe_events.config import Settings
-from scribe_events.exceptions import PayloadTooLarge
+from scribe_events.constants import RedisKeys
+from scribe_events.control import Control
+from scribe_events.exceptions import PayloadTooLarge, StoreUnavailable
 from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Hub
 from scribe_events.publisher import Publisher
+from scribe_events.registry import LocalRegistry, RedisRegistry, Registry
 from scribe_events.retention import RetentionJob
 from scribe_events.service import EventService
+from scribe_events.state import MemoryState, RedisState, SharedState
 from scribe_events.store import EventStore, make_store
 from scribe_events.web import errors, routes, stream
 
@@ -40,7 +45,9 @@ class Runtime:
 
     settings: Settings
     verifier: TokenVerifier
-    tickets: MemoryTickets
+    state: SharedState
+    control: Control
+    registry: Registry
     store: EventStore
     broker: Broker
     hub: Hub
@@ -109,12 +116,20 @@ class ScribeApp:
             store = make_store(settings)
             await store.start()
             stack.push_async_callback(store.close)
-            broker = make_broker(settings)
+            head = await store.head()
             hub = Hub(
                 instance=settings.instance_id,
                 heartbeat_s=settings.heartbeat_s,
                 max_buffer=settings.max_connection_buffer,
             )
+            hub.last_seq = head  # a fresh stream starts from now
+            state, registry = self._shared(settings, hub, stack)
+            broker = make_broker(settings, store, last_seq=head)
+            control = Control(settings, state, broker, hub)
+            try:
+                await control.start()
+            except StoreUnavailable as exc:
+                log.error("could not load push mode and bans: %s (using defaults)", exc)
             await broker.start(hub.dispatch)
             stack.push_async_callback(broker.close)
             publisher = Publisher(
@@ -131,18 +146,22 @@ class ScribeApp:
             stack.push_async_callback(recorder.close)
             hub.start()
             stack.push_async_callback(hub.close)
+            registry.start()
+            stack.push_async_callback(registry.close)
             retention = RetentionJob(store, settings)
             retention.start()
             stack.push_async_callback(retention.close)
             self.runtime = Runtime(
                 settings=settings,
                 verifier=verifier,
-                tickets=MemoryTickets(settings.ticket_ttl_s),
+                state=state,
+                control=control,
+                registry=registry,
                 store=store,
                 broker=broker,
                 hub=hub,
                 publisher=publisher,
-                service=EventService(settings, store, broker, publisher),
+                service=EventService(settings, store, broker, publisher, state, control),
                 started_at=time.time(),
             )
             stack.callback(setattr, self, "runtime", None)
@@ -157,6 +176,21 @@ class ScribeApp:
                 broker.name,
             )
             yield
+
+    @staticmethod
+    def _shared(
+        settings: Settings, hub: Hub, stack: contextlib.AsyncExitStack
+    ) -> tuple[SharedState, Registry]:
+        """Tickets, push mode, bans and the registry: in Redis when configured, else in this process."""
+        if not settings.redis_url:
+            return MemoryState(), LocalRegistry(hub)
+        client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+        stack.push_async_callback(client.aclose)
+        keys = RedisKeys(settings.redis_prefix)
+        registry = RedisRegistry(
+            client, keys, hub, ttl_s=1.5 * settings.heartbeat_s, refresh_s=settings.heartbeat_s
+        )
+        return RedisState(client, keys), registry
 
 
 def create_app(settings: Settings | None = None) -> ScribeApp:

@@ -12,17 +12,21 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from redis.exceptions import RedisError
 
 from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, Principal, bearer_token
+from scribe_events.control import ban_target
 from scribe_events.events import Event, TypeFilter, parse_publish, rfc3339
 from scribe_events.exceptions import (
     BadRequest,
     Forbidden,
     InvalidJSON,
+    NotFound,
     StoreUnavailable,
     ValidationFailed,
 )
 from scribe_events.service import dump_with_raw, request_fingerprint
+from scribe_events.state import Ban
 from scribe_events.store import FailedDelivery
 from scribe_events.web import stream
 from scribe_events.web.app_state import runtime_of
@@ -35,8 +39,11 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 async def authenticate(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The caller, from ``Authorization: Bearer <jwt>``."""
-    return runtime_of(request).verifier.verify(bearer_token(authorization))
+    """The caller, from ``Authorization: Bearer <jwt>``; banned users and addresses get 403."""
+    rt = runtime_of(request)
+    principal = rt.verifier.verify(bearer_token(authorization))
+    rt.control.check(principal, request.client.host if request.client else None)
+    return principal
 
 
 Caller = Annotated[Principal, Depends(authenticate)]
@@ -116,7 +123,8 @@ async def open_stream(
 async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
     """A single-use ticket (30 s) for `GET /api/v1/events/stream?ticket=…`, for `EventSource`."""
     rt = runtime_of(request)
-    return TicketOut(ticket=await rt.tickets.issue(principal), expires_in=rt.settings.ticket_ttl_s)
+    ticket = await rt.state.issue_ticket(principal, rt.settings.ticket_ttl_s)
+    return TicketOut(ticket=ticket, expires_in=rt.settings.ticket_ttl_s)
 
 
 @router.post(
@@ -199,7 +207,7 @@ async def set_push_mode(request: Request, principal: Caller, body: PushModeIn) -
     are told with `system.push-mode`."""
     principal.require(ROLE_ADMIN)
     rt = runtime_of(request)
-    await rt.service.set_push_mode(body.mode, body.sse_percent, rt.hub)
+    await rt.control.set_push_mode(body.mode, body.sse_percent)
     return {"mode": body.mode, "sse_percent": body.sse_percent}
 
 
@@ -273,6 +281,78 @@ async def purge(request: Request, principal: Caller, body: PurgeIn) -> dict[str,
     """Delete stored events older than `older_than_days` now (retention does this every hour)."""
     principal.require(ROLE_ADMIN)
     return await runtime_of(request).service.purge(body.older_than_days, dry_run=body.dry_run)
+
+
+@router.get("/api/v1/admin/connections", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+async def list_connections(
+    request: Request,
+    principal: Caller,
+    user_id: str | None = None,
+    session_id: str | None = None,
+    instance: str | None = None,
+) -> dict[str, Any]:
+    """Live connections on every instance (from Redis when configured, else this instance)."""
+    principal.require(ROLE_ADMIN)
+    registry = runtime_of(request).registry
+    try:
+        found = await registry.list(user_id=user_id, session_id=session_id, instance=instance)
+    except (RedisError, OSError) as exc:
+        raise StoreUnavailable(
+            f"the registry (Redis) is unavailable: {exc}", code="redis_unavailable"
+        ) from exc
+    return {"connections": sorted(found, key=lambda c: c["connected_at"])}
+
+
+class BanIn(BaseModel):
+    user_id: str | None = None
+    ip: str | None = None
+    reason: str = ""
+    ttl_s: int | None = Field(None, gt=0, description="seconds; unset: until lifted")
+
+
+def _ban_out(ban: Ban) -> dict[str, Any]:
+    kind, _, value = ban.target.partition(":")
+    return {
+        kind if kind == "ip" else "user_id": value,
+        "reason": ban.reason,
+        "until": rfc3339(ban.until_ms) if ban.until_ms else None,
+    }
+
+
+def _target(user_id: str | None, ip: str | None) -> str:
+    try:
+        return ban_target(user_id, ip)
+    except ValueError:
+        raise ValidationFailed(
+            "name exactly one of user_id and ip", field="target", code="invalid_ban"
+        ) from None
+
+
+@router.get("/api/v1/admin/bans", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+async def list_bans(request: Request, principal: Caller) -> dict[str, Any]:
+    """Users and addresses refused on every instance (R8.5)."""
+    principal.require(ROLE_ADMIN)
+    return {"bans": [_ban_out(b) for b in runtime_of(request).control.active_bans()]}
+
+
+@router.post("/api/v1/admin/bans", tags=["admin"], status_code=201, responses={**_AUTH_ERRORS, 403: _ERROR})
+async def add_ban(request: Request, principal: Caller, body: BanIn) -> dict[str, Any]:
+    """Ban a user or an address: its open streams close, and it is refused until lifted (or ``ttl_s``)."""
+    principal.require(ROLE_ADMIN)
+    ban = await runtime_of(request).control.ban(_target(body.user_id, body.ip), body.reason, body.ttl_s)
+    return _ban_out(ban)
+
+
+@router.delete("/api/v1/admin/bans", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR, 404: _ERROR})
+async def remove_ban(
+    request: Request, principal: Caller, user_id: str | None = None, ip: str | None = None
+) -> dict[str, Any]:
+    """Lift a ban (`?user_id=` or `?ip=`)."""
+    principal.require(ROLE_ADMIN)
+    target = _target(user_id, ip)
+    if not await runtime_of(request).control.unban(target):
+        raise NotFound(f"no ban on {target}")
+    return {"lifted": target}
 
 
 def _ms(when: datetime | None) -> int | None:

@@ -131,9 +131,11 @@ async def _accept(
         raise BadRequest("tokens are not accepted in the query string; use a ticket", code="token_in_query")
     ticket = query.get("ticket")
     if ticket:
-        principal = await runtime.tickets.redeem(ticket)
+        principal = await runtime.state.redeem_ticket(ticket)
     else:
         principal = runtime.verifier.verify(bearer_token(_text(headers.get(b"authorization"))))
+    client = scope.get("client")
+    runtime.control.check(principal, client[0] if client else None)
     session_id = query.get("session_id") or principal.session_id
     if session_id is not None and not _SESSION.match(session_id):
         raise BadRequest("session_id must be 1-200 printable characters", code="invalid_session_id")
@@ -144,7 +146,6 @@ async def _accept(
     if last_id is None:
         last_id = query.get("last_event_id")
     plan = await runtime.service.plan_resume(last_id)
-    client = scope.get("client")
     conn_args = {
         "id": secrets.token_hex(8),
         "user_id": principal.user_id,

@@ -1,0 +1,31 @@
+"""Every Redis key and channel name, in one place. All start with ``SCRIBE_EVENTS_REDIS_PREFIX``."""
+
+from __future__ import annotations
+
+
+class RedisKeys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.events = f"{prefix}events"  # the one channel every instance subscribes to (total order)
+        self.control = f"{prefix}control"  # push-mode changes, bans: every instance acts on its own
+        self.push_mode = f"{prefix}push-mode"
+        self.bans = f"{prefix}bans"  # hash: "user:<id>" | "ip:<addr>" -> JSON {reason, until}
+        self.all_connections = f"{prefix}conns"  # sorted set: connection id, score = expiry (ms)
+
+    def ticket(self, ticket: str) -> str:
+        return f"{self.prefix}ticket:{ticket}"
+
+    def connection(self, connection_id: str) -> str:
+        return f"{self.prefix}conn:{connection_id}"  # hash of the connection's fields, with a TTL
+
+    def user_connections(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}"  # sorted set: connection ids, score = expiry (ms)
+
+    def session_connections(self, user_id: str, session_id: str) -> str:
+        return f"{self.prefix}session:{user_id}:{session_id}"
+
+    def instance_connections(self, instance: str) -> str:
+        return f"{self.prefix}instance:{instance}"
+
+    def idempotency(self, owner: str, key: str) -> str:
+        return f"{self.prefix}idem:{owner}:{key}"
