@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.panel import Panel
-from scribe_events_cli import store_cmds
+from scribe_events_cli import ops_cmds, store_cmds
 from scribe_events_cli.common import client_token, console, err_console, fail, friendly, load_settings
 from scribe_events_cli.render import render_message
 
@@ -232,6 +232,9 @@ def _json_line(message: client.Message) -> str:
 
 
 app.add_typer(store_cmds.db_app, name="db")
+app.add_typer(ops_cmds.ban_app, name="ban")
+app.command()(friendly(ops_cmds.connections))
+app.command("push-mode")(friendly(ops_cmds.push_mode))
 app.add_typer(store_cmds.bench_app, name="bench")
 app.command()(friendly(store_cmds.purge))
 app.command()(friendly(store_cmds.resend))
