@@ -1,0 +1,338 @@
+"""Several instances behaving as one through the real Redis (and PostgreSQL) on this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from scribe_events.auth import mint_token
+from tests.conftest import PG_URL, REQUIRE_SERVICES
+from tests.harness import SECRET, ProcessServer, RawStream, cli, free_port, wait_for
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        if REQUIRE_SERVICES:
+            pytest.fail(f"Redis is required here and unreachable: {exc}")
+        pytest.skip(f"Redis unreachable: {exc}")
+    prefix = f"t{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+    client.close()
+
+
+def _env(schema: str, prefix: str, name: str, redis_url: str = REDIS_URL, **extra: str) -> dict[str, str]:
+    return {
+        "SCRIBE_EVENTS_DATABASE_URL": PG_URL,
+        "SCRIBE_EVENTS_DATABASE_SCHEMA": schema,
+        "SCRIBE_EVENTS_AUTO_MIGRATE": "true",
+        "SCRIBE_EVENTS_JWT_SECRET": SECRET,
+        "SCRIBE_EVENTS_REDIS_URL": redis_url,
+        "SCRIBE_EVENTS_REDIS_PREFIX": prefix,
+        "SCRIBE_EVENTS_INSTANCE_ID": name,
+        "SCRIBE_EVENTS_HEARTBEAT_S": "1",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def instances(
+    tmp_path: Path, schema: str, prefix: str, *names: str, **extra: str
+) -> Iterator[list[ProcessServer]]:
+    started: list[ProcessServer] = []
+    try:
+        for name in names:
+            started.append(ProcessServer(tmp_path, env=_env(schema, prefix, name, **extra)).start())
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+            server.close()
+
+
+def _stream(
+    server: ProcessServer, user: str, path: str = "/api/v1/events/stream", **headers: str
+) -> RawStream:
+    s = RawStream(server.port, path, {"Authorization": f"Bearer {mint_token(SECRET, user)}", **headers})
+    s.read_count(1, event="connection.established")
+    return s
+
+
+def _publish(server: ProcessServer, body: dict[str, Any], **headers: str) -> list[str]:
+    token = mint_token(SECRET, "worker", roles=["publisher"])
+    r = httpx.post(
+        server.url + "/api/v1/events",
+        json=body,
+        headers={"Authorization": f"Bearer {token}", **headers},
+        timeout=10,
+    )
+    assert r.status_code == 202, r.text
+    return list(r.json()["ids"])
+
+
+def _admin(server: ProcessServer) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(SECRET, 'root', roles=['admin'])}"}
+
+
+def test_redis_routes_user_session_and_broadcast_across_instances(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    with (
+        instances(tmp_path, pg_schema, redis_prefix, "one", "two") as (one, two),
+        _stream(one, "alice", "/api/v1/events/stream?session_id=s1") as a1,
+        _stream(one, "alice", "/api/v1/events/stream?session_id=s2") as a2,
+        _stream(one, "bob") as b,
+    ):
+        sent = [
+            _publish(two, {"type": "custom.user", "user_id": "alice"})[0],
+            _publish(two, {"type": "custom.session", "user_id": "alice", "session_id": "s1"})[0],
+            _publish(two, {"type": "custom.all", "broadcast": True})[0],
+        ]
+        a1.read_count(3)
+        a2.read_count(2)
+        b.read_count(1)
+        for s in (a1, a2, b):
+            s.idle(0.3)
+        assert [m.id for m in a1.events()] == sent
+        assert [m.event for m in a2.events()] == ["custom.user", "custom.all"]
+        assert [m.event for m in b.events()] == ["custom.all"]
+
+
+def test_redis_ticket_minted_on_one_instance_is_redeemed_on_the_other(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    with instances(tmp_path, pg_schema, redis_prefix, "one", "two") as (one, two):
+        r = httpx.post(
+            one.url + "/api/v1/events/tickets",
+            headers={"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"},
+        )
+        ticket = r.json()["ticket"]
+        with RawStream(two.port, f"/api/v1/events/stream?ticket={ticket}", {}) as s:
+            assert s.status == 200
+            s.read_count(1, event="connection.established")
+        with RawStream(one.port, f"/api/v1/events/stream?ticket={ticket}", {}) as again:
+            assert again.status == 401  # single use, across instances
+
+
+def test_redis_connections_lists_both_instances_and_forgets_a_killed_one(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    env = {"SCRIBE_EVENTS_REDIS_URL": REDIS_URL, "SCRIBE_EVENTS_REDIS_PREFIX": redis_prefix}
+    with (
+        instances(tmp_path, pg_schema, redis_prefix, "one", "two") as (one, two),
+        _stream(one, "alice"),
+        _stream(two, "alice", "/api/v1/events/stream?session_id=s9"),
+        _stream(two, "bob"),
+    ):
+        listed = json.loads(cli("connections", "--json", cwd=tmp_path, env=env).stdout)["connections"]
+        assert sorted((c["instance"], c["user_id"]) for c in listed) == [
+            ("one", "alice"),
+            ("two", "alice"),
+            ("two", "bob"),
+        ]
+        assert all(
+            c["remote"].startswith("127.0.0.1:") and c["last_seen"] >= c["connected_at"] for c in listed
+        )
+        alice = json.loads(cli("connections", "--user", "alice", "--json", cwd=tmp_path, env=env).stdout)
+        assert {c["instance"] for c in alice["connections"]} == {"one", "two"}
+        session = json.loads(
+            cli("connections", "--user", "alice", "--session", "s9", "--json", cwd=tmp_path, env=env).stdout
+        )
+        assert [c["instance"] for c in session["connections"]] == ["two"]
+        over_http = httpx.get(one.url + "/api/v1/admin/connections", headers=_admin(one)).json()
+        assert len(over_http["connections"]) == 3
+        table = cli("connections", cwd=tmp_path, env=env)
+        assert "3 live connection(s)" in table.stdout
+
+        two.proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+        two.proc.wait()  # type: ignore[union-attr]
+        killed_at = time.monotonic()
+
+        def only_one_left() -> bool:
+            rows = json.loads(cli("connections", "--json", cwd=tmp_path, env=env).stdout)["connections"]
+            return [c["instance"] for c in rows] == ["one"]
+
+        wait_for(only_one_left, timeout=4, interval=0.1)
+        assert time.monotonic() - killed_at <= 2 * 1.0 + 0.5  # two heartbeat intervals (and a poll)
+
+
+def test_redis_push_mode_and_bans_hold_on_every_instance(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    with instances(tmp_path, pg_schema, redis_prefix, "one", "two") as (one, two):
+        with _stream(two, "alice") as s:
+            r = httpx.put(one.url + "/api/v1/admin/push-mode", json={"mode": "polling"}, headers=_admin(one))
+            assert r.status_code == 200
+            [message] = s.read_count(1, event="system.push-mode")
+            assert message.json()["data"]["mode"] == "polling"
+            config = httpx.get(
+                two.url + "/api/v1/events/config",
+                headers={"Authorization": f"Bearer {mint_token(SECRET, 'zed')}"},
+            ).json()
+            assert config["mode"] == "polling"
+
+            r = httpx.post(
+                one.url + "/api/v1/admin/bans",
+                json={"user_id": "alice", "reason": "spam"},
+                headers=_admin(one),
+            )
+            assert r.status_code == 201
+            s.wait_closed(timeout=3)  # alice's stream on the other instance is closed
+        with RawStream(
+            two.port, "/api/v1/events/stream", {"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"}
+        ) as refused:
+            assert refused.status == 403 and refused.error_body["error"]["code"] == "banned"
+        assert (
+            httpx.delete(
+                two.url + "/api/v1/admin/bans", params={"user_id": "alice"}, headers=_admin(two)
+            ).status_code
+            == 200
+        )
+        wait_for(lambda: httpx.get(one.url + "/api/v1/admin/bans", headers=_admin(one)).json()["bans"] == [])
+        with _stream(one, "alice"):
+            pass
+
+
+def test_redis_idempotency_key_holds_across_instances(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    with instances(tmp_path, pg_schema, redis_prefix, "one", "two") as (one, two):
+        body = {"type": "custom.once", "user_id": "alice"}
+        results: list[list[str]] = []
+
+        def post(server: ProcessServer) -> None:
+            results.append(_publish(server, body, **{"Idempotency-Key": "order-7"}))
+
+        threads = [threading.Thread(target=post, args=(s,)) for s in (one, two, one, two)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len({tuple(r) for r in results}) == 1
+        poll = httpx.get(
+            one.url + "/api/v1/events?after=0",
+            headers={"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"},
+        ).json()
+        assert [e["id"] for e in poll["events"]] == results[0]
+
+
+def test_redis_any_instance_relays_what_a_killed_one_committed(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    with instances(tmp_path, pg_schema, redis_prefix, "one") as (one,):
+        crasher = ProcessServer(
+            tmp_path,
+            env=_env(pg_schema, redis_prefix, "crasher", SCRIBE_EVENTS_FAULTS='["kill_after_commit"]'),
+        ).start()
+        try:
+            with _stream(one, "alice") as s:
+                with pytest.raises(httpx.HTTPError):
+                    _publish(crasher, {"type": "custom.survivor", "user_id": "alice"})
+                assert crasher.proc.wait(5) == -9  # type: ignore[union-attr]
+                # No restart, no reconnect: instance one's relay publishes it and the client gets it live.
+                [message] = s.read_count(1, timeout=5)
+                assert message.event == "custom.survivor" and message.id is not None
+        finally:
+            crasher.stop()
+            crasher.close()
+
+
+def _redis_server(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(port=port)
+    try:
+        wait_for(lambda: _pings(client), timeout=5)
+    finally:
+        client.close()
+    return proc
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def test_redis_restart_mid_stream_loses_no_important_event(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    port = free_port()
+    own_redis = _redis_server(port)
+    url = f"redis://127.0.0.1:{port}/0"
+    servers: list[ProcessServer] = []
+    try:
+        for name in ("one", "two"):
+            servers.append(
+                ProcessServer(tmp_path, env=_env(pg_schema, redis_prefix, name, redis_url=url)).start()
+            )
+        one, two = servers
+        with _stream(one, "alice") as s:
+            sent = [
+                _publish(two, {"type": "custom.n", "user_id": "alice", "data": {"n": n}})[0] for n in range(3)
+            ]
+            s.read_count(3)
+            own_redis.send_signal(signal.SIGKILL)
+            own_redis.wait()
+            wait_for(lambda: httpx.get(one.url + "/health/ready").status_code == 503, timeout=10)
+            ready = httpx.get(two.url + "/health/ready")
+            assert ready.status_code == 503 and ready.json()["dependencies"]["broker"] == "down"
+            # Published while Redis is down: accepted (stored), not lost.
+            sent += [
+                _publish(two, {"type": "custom.n", "user_id": "alice", "data": {"n": n}})[0]
+                for n in range(3, 6)
+            ]
+            own_redis = _redis_server(port)
+            wait_for(lambda: httpx.get(one.url + "/health/ready").status_code == 200, timeout=15)
+            sent += _publish(two, {"type": "custom.n", "user_id": "alice", "data": {"n": 6}})
+            s.read_count(7, timeout=15)
+            s.idle(0.5)
+            assert [m.id for m in s.events()] == sent  # every event once, in order, on the same stream
+        assert "lost the Redis subscription" in one.text()
+    finally:
+        for server in servers:
+            server.stop()
+            server.close()
+        own_redis.kill()
+        own_redis.wait()
+
+
+def test_redis_down_at_start_still_serves_and_reports_not_ready(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    server = ProcessServer(tmp_path, env=_env(pg_schema, redis_prefix, "lonely", redis_url=dead)).start()
+    try:
+        ready = httpx.get(server.url + "/health/ready")
+        assert ready.status_code == 503 and ready.json()["dependencies"]["broker"] == "down"
+        assert httpx.get(server.url + "/health").status_code == 200
+        with _stream(server, "alice"):
+            pass
+    finally:
+        server.stop()
+        server.close()
