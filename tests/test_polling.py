@@ -127,3 +127,19 @@ def test_openapi_documents_the_endpoints(server: ThreadServer) -> None:
         "/health/ready",
     ):
         assert path in paths
+
+
+def test_metrics_are_prometheus_text_with_our_prefix(server: ThreadServer) -> None:
+    with server.stream("u") as s:
+        s.read_count(1, event="connection.established")
+        server.publish_ok({"type": "custom.m", "user_id": "u"})
+        s.read_count(1)
+        text = httpx.get(server.url + "/metrics").text
+    assert 'scribe_events_connections{instance="test-instance"} 1.0' in text
+    assert 'scribe_events_events_delivered_total{instance="test-instance"} 1.0' in text
+    assert 'scribe_events_events_stored_total{instance="test-instance"} 1.0' in text
+    assert 'scribe_events_broker_up{instance="test-instance"} 1.0' in text
+    names = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
+    assert names and all(n.startswith("scribe_events_") for n in names)

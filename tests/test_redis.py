@@ -302,6 +302,7 @@ def test_redis_restart_mid_stream_loses_no_important_event(
             wait_for(lambda: httpx.get(one.url + "/health/ready").status_code == 503, timeout=10)
             ready = httpx.get(two.url + "/health/ready")
             assert ready.status_code == 503 and ready.json()["dependencies"]["broker"] == "down"
+            assert 'scribe_events_broker_up{instance="two"} 0.0' in httpx.get(two.url + "/metrics").text
             # Published while Redis is down: accepted (stored), not lost.
             sent += [
                 _publish(two, {"type": "custom.n", "user_id": "alice", "data": {"n": n}})[0]

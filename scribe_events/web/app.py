@@ -28,6 +28,7 @@ from scribe_events.control import Control
 from scribe_events.exceptions import PayloadTooLarge, StoreUnavailable
 from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Hub
+from scribe_events.metrics import make_registry
 from scribe_events.publisher import Publisher
 from scribe_events.registry import LocalRegistry, RedisRegistry, Registry
 from scribe_events.retention import RetentionJob
@@ -52,6 +53,7 @@ class Runtime:
     broker: Broker
     hub: Hub
     publisher: Publisher
+    recorder: FailureRecorder
     service: EventService
     started_at: float
 
@@ -62,6 +64,7 @@ class ScribeApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
+        self.metrics = make_registry(lambda: self.runtime)
         self.api = FastAPI(
             title="scribe-events",
             version=__version__,
@@ -161,6 +164,7 @@ class ScribeApp:
                 broker=broker,
                 hub=hub,
                 publisher=publisher,
+                recorder=recorder,
                 service=EventService(settings, store, broker, publisher, state, control),
                 started_at=time.time(),
             )

@@ -25,6 +25,7 @@ from scribe_events.exceptions import (
     StoreUnavailable,
     ValidationFailed,
 )
+from scribe_events.metrics import CONTENT_TYPE, render
 from scribe_events.service import dump_with_raw, request_fingerprint
 from scribe_events.state import Ban
 from scribe_events.store import FailedDelivery
@@ -388,6 +389,13 @@ async def health_ready(request: Request) -> JSONResponse:
     deps = {"store": await rt.store.ping(), "broker": await rt.broker.ready()}
     body = _health(request, deps)
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
+
+
+@router.get("/metrics", tags=["operations"], response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics (every one of ours is prefixed ``scribe_events_``)."""
+    owner = request.app.state.owner
+    return Response(render(owner.metrics), media_type=CONTENT_TYPE)
 
 
 @router.get("/", include_in_schema=False)
