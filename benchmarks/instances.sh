@@ -5,17 +5,10 @@
 #   benchmarks/instances.sh one  [rate=50] [n=1000]   # one instance with the Redis broker
 # Servers are pinned to CPU 0, the load generator to CPU 1; results go to benchmarks/results.jsonl.
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$(dirname "$here")"
-shared="${SCRIBE_SHARED:-$root/../shared}"
-B="${SSEBENCH:-/tmp/ssebench/ssebench}"
-[ -x "$B" ] || bash "$shared/bench/build.sh" >/dev/null
-PY="$root/.venv/bin/python"
-SE="$root/.venv/bin/scribe-events"
+source "$(dirname "$0")/common.sh"
 mode="${1:-two}"
 rate="${2:-50}"
 n="${3:-1000}"
-work="$(mktemp -d)"
 schema="bench_$(head -c4 /dev/urandom | od -An -tx1 | tr -d ' \n')"
 pids=()
 cleanup() {
@@ -26,20 +19,10 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
-ulimit -n "$(ulimit -Hn)"
-cd "$work"
-export SCRIBE_EVENTS_JWT_SECRET="bench-secret-bench-secret-bench-secret-0123456789"
 export SCRIBE_EVENTS_DATABASE_URL="postgresql+asyncpg://root@127.0.0.1:5432/test"
 export SCRIBE_EVENTS_DATABASE_SCHEMA="$schema" SCRIBE_EVENTS_AUTO_MIGRATE=true
 export SCRIBE_EVENTS_REDIS_URL="redis://127.0.0.1:6379/0" SCRIBE_EVENTS_REDIS_PREFIX="$schema:"
-export SCRIBE_EVENTS_ACCESS_LOG=false SCRIBE_EVENTS_LOG_LEVEL=warning
-"$PY" - "$n" > tokens.txt <<'PY'
-import os, sys
-from scribe_events.auth import mint_token
-for i in range(int(sys.argv[1])):
-    print("Authorization: Bearer " + mint_token(os.environ["SCRIBE_EVENTS_JWT_SECRET"], f"u{i}", ttl_s=7200))
-PY
-pub="$("$SE" token --user bench-publisher --role publisher --ttl 7200)"
+bench_setup "$n"
 start() {  # name port
   SCRIBE_EVENTS_INSTANCE_ID="$1" SCRIBE_EVENTS_PORT="$2" taskset -c 0 "$SE" serve > "$1.log" 2>&1 &
   pids+=($!)

@@ -7,34 +7,15 @@
 #   benchmarks/ssebench.sh s4                 # resume with Last-Event-ID
 # Results are appended to benchmarks/results.jsonl. Needs Go (apt-get install golang-go).
 set -euo pipefail
-here="$(cd "$(dirname "$0")" && pwd)"
-root="$(dirname "$here")"
-shared="${SCRIBE_SHARED:-$root/../shared}"
-B="${SSEBENCH:-/tmp/ssebench/ssebench}"
-[ -x "$B" ] || bash "$shared/bench/build.sh" >/dev/null
-PY="${PYTHON:-$root/.venv/bin/python}"
-SE="$root/.venv/bin/scribe-events"
+source "$(dirname "$0")/common.sh"
 scenario="${1:-s1}"
 port="${PORT:-8011}"
-work="$(mktemp -d)"
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -rf "$work"' EXIT
-ulimit -n "$(ulimit -Hn)"
-cd "$work"
-export SCRIBE_EVENTS_JWT_SECRET="bench-secret-bench-secret-bench-secret-0123456789"
-export SCRIBE_EVENTS_PORT="$port" SCRIBE_EVENTS_ACCESS_LOG=false SCRIBE_EVENTS_LOG_LEVEL=warning
-export SCRIBE_EVENTS_URL="http://127.0.0.1:$port"
-users="${USERS:-1000}"
-"$PY" - "$users" > tokens.txt <<'PY'
-import os, sys
-from scribe_events.auth import mint_token
-for i in range(int(sys.argv[1])):
-    print("Authorization: Bearer " + mint_token(os.environ["SCRIBE_EVENTS_JWT_SECRET"], f"u{i}", ttl_s=7200))
-PY
-pub="$("$SE" token --user bench-publisher --role publisher --ttl 7200)"
+export SCRIBE_EVENTS_PORT="$port" SCRIBE_EVENTS_URL="http://127.0.0.1:$port"
+bench_setup "${USERS:-1000}"
 taskset -c 0 "$SE" serve > server.log 2>&1 &
 server=$!
 for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.2; done
-spid=$(pgrep -P $server -f scribe-events || echo $server)
 common=(-sub-url "http://127.0.0.1:$port/api/v1/events/stream" -sub-header-file tokens.txt
         -pids "server=$server" -json "$here/results.jsonl")
 pubargs=(-pub-url "http://127.0.0.1:$port/api/v1/events" -pub-header "Authorization: Bearer $pub")
