@@ -308,6 +308,8 @@ def test_redis_restart_mid_stream_loses_no_important_event(
                 _publish(two, {"type": "custom.n", "user_id": "alice", "data": {"n": n}})[0]
                 for n in range(3, 6)
             ]
+            # ...and the open stream on the other instance still gets them, from the store.
+            s.read_count(6, timeout=5)
             own_redis = _redis_server(port)
             wait_for(lambda: httpx.get(one.url + "/health/ready").status_code == 200, timeout=15)
             sent += _publish(two, {"type": "custom.n", "user_id": "alice", "data": {"n": 6}})

@@ -8,10 +8,11 @@ channels spread over a Redis Cluster, would let a broadcast overtake a user's ev
 an instance. The cost, that every instance decodes every event once, is measured in the benchmarks
 (README); at our scale it is small next to delivering them.
 
-If the subscription drops (Redis restarts, the network blips), the instance re-subscribes with
-backoff and then catches up from the store: it dispatches every stored event after the last one it
-saw, in order, so no live connection misses what was published while it was away. The hub skips
-what a connection already has, so overlap is harmless.
+If the subscription drops (Redis restarts, the network blips), the instance keeps its streams fed
+from the store (it polls for stored events after the last one it dispatched, every 250 ms) while it
+re-subscribes with backoff; once subscribed again it catches up from the store the same way before
+going on with live messages. Every stream gets every event once and in order: the hub skips what a
+connection already has, so overlap is harmless.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger("scribe_events.broker.redis")
 CatchUp = Callable[[int], Awaitable[list[Event]]]
 
 _MAX_BACKOFF_S = 5.0
+STORE_POLL_S = 0.25  # while Redis is away
 
 
 def encode(events: Sequence[Event]) -> bytes:
@@ -123,13 +125,30 @@ class RedisBroker(Broker):
                         await self._on_message(message)
             except (RedisError, OSError) as exc:
                 if self.up:
-                    log.error("lost the Redis subscription: %s; retrying with backoff", exc)
+                    log.error(
+                        "lost the Redis subscription: %s; serving from the store, retrying with backoff", exc
+                    )
                 self.up = False
-                await asyncio.sleep(delay)
+                await self._serve_from_store(delay)
                 delay = min(delay * 2, _MAX_BACKOFF_S)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _serve_from_store(self, seconds: float) -> None:
+        """While Redis is away, local streams still get every stored event, in order, a little
+        later: poll the store (the publishers' events are all committed there)."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + seconds
+        while True:
+            try:
+                await self._catch_up_from_store()
+            except Exception as exc:  # the store may be down too; keep retrying Redis
+                log.warning("could not read the store while Redis is away: %s", exc)
+            left = until - loop.time()
+            if left <= 0:
+                return
+            await asyncio.sleep(min(STORE_POLL_S, left))
 
     async def _catch_up_from_store(self) -> None:
         while True:
