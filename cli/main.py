@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import shutil
+import sys
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -91,14 +94,29 @@ def _welcome(settings: Any) -> None:
     # Plain lines, never wrapped, so they can be copied whole.
     auth = shlex.quote("Authorization: Bearer " + demo)
     print(f"Dev token for user 'demo' (24 h):\n  {demo}\n")
-    print(f"Watch the stream:\n  curl -N -H {auth} {base}/api/v1/events/stream\n")
+    print(f"Watch the stream:\n  curl -N -s -H {auth} {base}/api/v1/events/stream\n")
+    me = _how_to_call_me()
     print(
         "Send it an event (another terminal, same folder):\n"
-        "  scribe-events publish system.notification --user demo "
+        f"  {me} publish system.notification --user demo "
         '--data \'{"level": "info", "title": "Hello", "message": "It works"}\'\n'
-        "Or follow it readably:\n  scribe-events tail --user demo\n",
+        f"Or follow it readably:\n  {me} tail --user demo\n",
         flush=True,
     )
+
+
+def _how_to_call_me() -> str:
+    """``scribe-events`` if that is on PATH, else the path this run was started by (e.g. .venv/bin/...)."""
+    argv0 = Path(sys.argv[0]).resolve()
+    found = shutil.which("scribe-events")
+    if found and Path(found).resolve() == argv0:
+        return "scribe-events"
+    if argv0.name != "scribe-events":
+        return "scribe-events"  # started as `python -m scribe_events_cli`
+    try:
+        return str(argv0.relative_to(Path.cwd()))
+    except ValueError:
+        return str(argv0)
 
 
 @app.command()
