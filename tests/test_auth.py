@@ -141,3 +141,23 @@ def test_unknown_ticket_is_401(server: ThreadServer) -> None:
     with server.stream(path="/api/v1/events/stream?ticket=nope") as s:
         assert s.status == 401
         assert s.error_body["error"]["code"] == "invalid_token"
+
+
+def test_rs256_public_key_verifies_and_hs256_is_then_refused(make_server: MakeServer) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public_pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    server = make_server(jwt_secret=None, jwt_public_key=public_pem, jwt_algorithms=["RS256"])
+    good = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, private, algorithm="RS256")
+    with server.stream(token=good) as s:
+        assert s.status == 200
+    # With only RS256 configured, an HS256 token is refused whatever its secret.
+    forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, "x" * 64, algorithm="HS256")
+    with server.stream(token=forged) as s:
+        assert s.status == 401 and s.error_body["error"]["code"] == "invalid_token"
