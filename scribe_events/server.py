@@ -49,14 +49,15 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 def build_server(settings: Settings, *, fd: int | None = None, **overrides: Any) -> Server:
+    """uvicorn with uvloop and the streaming protocol (``http=`` overrides it, e.g. to test the fallback)."""
     app = create_app(settings)
+    options: dict[str, Any] = {"http": StreamingHttpToolsProtocol, **overrides}
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         fd=fd,
         loop="uvloop",
-        http=StreamingHttpToolsProtocol,
         ws="none",
         lifespan="on",
         log_level=settings.log_level,
@@ -64,7 +65,7 @@ def build_server(settings: Settings, *, fd: int | None = None, **overrides: Any)
         access_log=settings.access_log,
         timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
         proxy_headers=False,
-        **overrides,
+        **options,
     )
     return Server(config, app)
 

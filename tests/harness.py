@@ -35,8 +35,9 @@ def bound_socket() -> socket.socket:
 class ThreadServer:
     """scribe-events under uvicorn (our protocol, uvloop) in a background thread, on its own port."""
 
-    def __init__(self, db_path: Path, **overrides: Any) -> None:
+    def __init__(self, db_path: Path, *, http: str | None = None, **overrides: Any) -> None:
         self.db_path = db_path
+        self.http = http  # a uvicorn protocol name: run without our streaming protocol
         self.overrides = overrides
         self.sock: socket.socket | None = None
         self.port = 0
@@ -61,7 +62,7 @@ class ThreadServer:
     def start(self) -> ThreadServer:
         self.sock = bound_socket()
         self.port = self.sock.getsockname()[1]
-        self.server = build_server(self.settings())
+        self.server = build_server(self.settings(), **({"http": self.http} if self.http else {}))
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10

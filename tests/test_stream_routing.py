@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from tests.conftest import MakeServer
 from tests.harness import ThreadServer, wait_for
 
@@ -236,3 +238,23 @@ def test_stream_cors_for_allowed_origin_only(make_server: MakeServer) -> None:
     )
     assert pre.status_code == 200
     assert pre.headers["access-control-allow-origin"] == "https://app.example"
+
+
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+def test_stream_works_through_asgi_send_on_a_plain_server(make_server: MakeServer, protocol: str) -> None:
+    """Without our protocol (no transport in the scope) the stream falls back to ASGI send."""
+    server = make_server(http=protocol, heartbeat_s=0.3)
+    with server.stream("alice", headers={"Last-Event-ID": "0"}) as s:
+        s.read_count(1, event="connection.established")
+        ids = server.publish_ok(
+            {"events": [{"type": "custom.n", "user_id": "alice", "data": {"n": n}} for n in range(3)]}
+        )
+        assert [m.id for m in s.read_count(3)] == ids
+        s.read_count(1, event="heartbeat", timeout=2)
+        assert server.connections() == 1
+    wait_for(lambda: server.connections() == 0, timeout=2)
+    with server.stream("alice") as s:
+        s.read_count(1, event="connection.established")
+        server.stop()
+        s.wait_closed(timeout=5)
+        assert s.ended
