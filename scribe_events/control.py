@@ -54,10 +54,20 @@ class Control:
         self.push = PushModeState()
         self.bans: dict[str, Ban] = {}
         broker.on_control = self.on_message
+        broker.on_subscribed = self.reload
 
     async def start(self) -> None:
-        self.push = await self.state.load_push_mode()
-        self.bans = await self.state.load_bans()
+        await self.reload()
+
+    async def reload(self) -> None:
+        """Read push mode and bans from the shared state (at start, and after a lost subscription)."""
+        push, bans = await self.state.load_push_mode(), await self.state.load_bans()
+        changed_mode = push != self.push
+        self.push, self.bans = push, bans
+        for ban in bans.values():
+            self._close_banned(ban)
+        if changed_mode:
+            self._announce_push_mode()
 
     # -- push mode ---------------------------------------------------------------------------------
 
@@ -129,6 +139,8 @@ class Control:
             self.hub.dispatch(deliveries)
 
     def _close_banned(self, ban: Ban) -> None:
+        if not ban.active(int(time.time() * 1000)):
+            return
         kind, _, value = ban.target.partition(":")
         if kind == "user":
             doomed = self.hub.of_user(value)

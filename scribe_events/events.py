@@ -8,6 +8,7 @@ every connection on this instance that will receive it.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import itertools
 import json
 import re
@@ -374,7 +375,12 @@ def parse_publish(raw: Any, *, max_event_bytes: int, index: int | None = None) -
         task_id=task_id or event_task,
         novel_id=novel_id,
         persist=persistence != "no",
-        replace_key=f"{type_}:{event_task}" if persistence == "latest" and event_task else None,
+        # "Latest per task" is per task *and audience*: one reader's update never replaces another's.
+        replace_key=(
+            hashlib.sha256(dumps([type_, event_task, user_id, session_id, broadcast]).encode()).hexdigest()
+            if persistence == "latest" and event_task
+            else None
+        ),
         sensitive=sensitive,
     )
 

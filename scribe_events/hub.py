@@ -230,6 +230,9 @@ class Hub:
         """Drop a connection now: buffered bytes are discarded, the client resumes from its last id."""
         if conn.id not in self.connections:
             return
+        if reason == "write_error" and _closing(conn):
+            self.remove(conn, "client_closed")  # the client left first: an ordinary disconnect
+            return
         conn.closed_reason = reason
         self.cut_off += 1
         log.warning(
@@ -267,12 +270,20 @@ class Hub:
             return False
         return True
 
-    def go_live(self, conn: Connection, after_seq: int) -> None:
-        """End a replay: send what arrived meanwhile, skipping what the replay already sent."""
-        pending, conn.pending = conn.pending or [], None
-        top = max(after_seq, conn.last_seq)
+    def flush_pending(self, conn: Connection, limit: int) -> bool:
+        """End a replay step by step: write up to ``limit`` of the deliveries parked meanwhile
+        (skipping what the replay already sent). Returns True once none are left and the
+        connection is live; the caller paces the steps by the socket (see ``stream._replay``)."""
+        pending = conn.pending
+        if pending is None:
+            return True
+        if not pending:
+            conn.pending = None  # live from here: dispatch writes to it directly
+            return True
+        step, conn.pending = pending[:limit], pending[limit:]
+        top = conn.last_seq
         chunks = []
-        for d in pending:
+        for d in step:
             if d.seq is not None:
                 if d.seq <= top:
                     continue
@@ -281,6 +292,7 @@ class Hub:
         if chunks:
             self.delivered += len(chunks)
             self.write_direct(conn, chunks, top)
+        return False
 
     # -- heartbeat and shutdown ------------------------------------------------------------------
 
@@ -322,6 +334,13 @@ def _discard(index: dict[Any, set[Connection]], key: Any, conn: Connection) -> N
         members.discard(conn)
         if not members:
             del index[key]
+
+
+def _closing(conn: Connection) -> bool:
+    try:
+        return bool(conn.sink.is_closing())
+    except Exception:
+        return True
 
 
 def _safe_size(conn: Connection) -> int:

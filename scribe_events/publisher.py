@@ -20,7 +20,9 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from scribe_events.broker import Broker
 from scribe_events.events import Event
@@ -39,6 +41,7 @@ class _Job:
     events: list[Event]
     claim: IdempotencyRecord | None
     future: asyncio.Future[list[str]]
+    require_live: bool = False  # fail the job if its live-only events could not be sent
 
 
 class Publisher:
@@ -61,6 +64,7 @@ class Publisher:
         self._task: asyncio.Task[None] | None = None
         self.published_through = 0
         self._saved_through = 0
+        self._saved_at = 0.0
         self.behind = False  # stored events wait for the relay
         self.batches = 0
         self.stored = 0
@@ -86,11 +90,16 @@ class Publisher:
         except StoreUnavailable as exc:
             log.warning("could not save the outbox watermark: %s (the relay will redo it)", exc)
 
-    async def submit(self, events: list[Event], claim: IdempotencyRecord | None = None) -> list[str]:
-        """Queue events; returns their ids once stored (if important) and handed to the broker."""
+    async def submit(
+        self, events: list[Event], claim: IdempotencyRecord | None = None, *, require_live: bool = False
+    ) -> list[str]:
+        """Queue events; returns their ids once stored (if important) and handed to the broker.
+
+        With ``require_live``, live-only events that could not be handed to the broker fail the call.
+        """
         if self._task is None:
             raise StoreUnavailable("the service is not accepting events", code="not_ready")
-        job = _Job(events, claim, asyncio.get_running_loop().create_future())
+        job = _Job(events, claim, asyncio.get_running_loop().create_future(), require_live)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -159,53 +168,92 @@ class Publisher:
         important = [e for e in events if e.persist]
         claims = [(job.claim, job.events) for job in jobs if job.claim is not None]
         refused: StoreUnavailable | None = None
-        async with self._ordered():
-            if self.broker.shared:
-                await self._sync_shared_watermark()
-            try:
-                if important or claims:
-                    await self.store.append(important, claims)
-            except StoreUnavailable as exc:
-                refused = exc
-            else:
-                self.batches += 1
-                self.stored += len(important)
-                if "kill_after_commit" in self.faults and important:
-                    os.kill(os.getpid(), signal.SIGKILL)  # fault injection: die between commit and publish
-                await self._publish(events)
+        committed = False
+        live_sent = True
+        try:
+            async with self._ordered():
                 if self.broker.shared:
-                    await self._save_watermark()
+                    await self._quietly(self._sync_shared_watermark())
+                try:
+                    if important or claims:
+                        await self.store.append(important, claims)
+                except StoreUnavailable as exc:
+                    refused = exc
+                else:
+                    committed = True
+                    self.batches += 1
+                    self.stored += len(important)
+                    if "kill_after_commit" in self.faults and important:
+                        os.kill(os.getpid(), signal.SIGKILL)  # fault injection: between commit and publish
+                    # From here on the events are stored: whatever fails, publishers get their ids.
+                    live_sent = await self._publish(events)
+                    if self.broker.shared:
+                        await self._quietly(self._save_watermark())
+        except StoreUnavailable as exc:  # taking or releasing the publish lock
+            if committed:
+                log.warning("the publish lock failed after COMMIT: %s", exc)
+            else:
+                refused = refused or exc
         if refused is not None:
-            if len(jobs) > 1:  # one bad job must not fail its neighbours
+            if len(jobs) > 1 and refused.code == "store_rejected":  # one bad job must not fail the others
                 for job in jobs:
                     await self._commit([job])
                 return
             log.error("store refused %d event(s): %s", len(events), refused)
-            settle(jobs[0].future, exc=refused)
+            for job in jobs:
+                settle(job.future, exc=refused)
             return
+        if not self.broker.shared and self._loop_time() - self._saved_at >= self.flush_every_s:
+            await self._quietly(self._save_watermark())
         for job in jobs:
-            settle(job.future, result=[e.wire_id for e in job.events])
+            if job.require_live and not live_sent:
+                settle(
+                    job.future,
+                    exc=StoreUnavailable(
+                        "the broker is unavailable; nothing was sent", code="broker_unavailable"
+                    ),
+                )
+            else:
+                settle(job.future, result=[e.wire_id for e in job.events])
 
-    async def _publish(self, events: list[Event]) -> None:
-        if self.behind:
-            # Older stored events go first; this batch's stored events are among them.
-            await self._relay()
-            live = [e for e in events if not e.persist]
-            if live and not self.behind:
-                await self._to_broker(live)
-            return
-        await self._to_broker(events)
+    async def _quietly(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Outbox upkeep that may fail without failing publishers (the relay redoes it)."""
+        try:
+            await coro
+        except Exception as exc:
+            log.warning("outbox upkeep failed: %s", exc)
 
-    async def _to_broker(self, events: list[Event]) -> None:
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    async def _publish(self, events: list[Event]) -> bool:
+        """Hand events to the broker; True if the live-only ones among them were sent."""
+        live = [e for e in events if not e.persist]
+        try:
+            if self.behind:
+                # Older stored events go first; this batch's stored events are among them.
+                await self._relay()
+                if live and not self.behind:
+                    return await self._to_broker(live)
+                return not live
+            return await self._to_broker(events)
+        except Exception as exc:
+            log.warning("publishing failed: %s; the relay will retry stored events", exc)
+            self.behind = True
+            return not live
+
+    async def _to_broker(self, events: list[Event]) -> bool:
         try:
             await self.broker.publish(events)
         except Exception as exc:
             log.error("the broker failed to publish %d event(s): %s; the relay will retry", len(events), exc)
             self.behind = True
-            return
+            return False
         ids = [e.id for e in events if e.persist and e.id is not None]
         if ids:
             self.published_through = max(self.published_through, max(ids))
+        return True
 
     async def _relay(self) -> None:
         """Publish every stored event after the watermark, in id order, until caught up."""
@@ -222,6 +270,7 @@ class Publisher:
                 return  # the broker is still failing
 
     async def _save_watermark(self) -> None:
+        self._saved_at = self._loop_time()
         if self.published_through > self._saved_through:
             await self.store.set_meta(WATERMARK, self.published_through)
             self._saved_through = self.published_through

@@ -141,7 +141,9 @@ class EventService:
         if len(found) == limit:
             body["last_id"] = found[-1].wire_id
         else:
-            body["last_id"] = str(max(head, after_id))
+            # Everything up to the head read before the query is visible now: skip past what this
+            # user cannot see, but never past an event the query returned.
+            body["last_id"] = str(max(head, after_id, (found[-1].id or 0) if found else 0))
         return body
 
     async def failed(
@@ -195,7 +197,7 @@ class EventService:
             again.append(copy)
             done.append(f)
         if again:
-            await self.publisher.submit(again)
+            await self.publisher.submit(again, require_live=True)
             await self.store.mark_resent([f.id for f in done if f.id is not None], now_ms())
         return done
 

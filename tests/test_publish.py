@@ -204,3 +204,19 @@ def test_progress_updates_keep_only_the_latest_per_task(server: ThreadServer) ->
 def test_publish_nan_is_refused_not_sent_as_invalid_json(server: ThreadServer) -> None:
     r = _post(server, b'{"type": "custom.a", "user_id": "u", "data": {"x": NaN}}')
     _error(r, 422, "validation_error")
+
+
+def test_progress_latest_is_kept_per_audience_not_across_users(server: ThreadServer) -> None:
+    for user, p in (("alice", 40), ("bob", 70)):
+        server.publish_ok(
+            {
+                "type": "task.progress-updated",
+                "user_id": user,
+                "data": {"task_id": "shared-id", "progress": p, "status_text": "x"},
+            }
+        )
+    for user, p in (("alice", 40), ("bob", 70)):
+        poll = httpx.get(
+            server.url + "/api/v1/events?after=0", headers={"Authorization": f"Bearer {server.token(user)}"}
+        )
+        assert [e["data"]["progress"] for e in poll.json()["events"]] == [p]

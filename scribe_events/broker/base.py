@@ -24,6 +24,8 @@ class Broker(abc.ABC):
 
     def __init__(self) -> None:
         self.on_control: ControlHook | None = None
+        # Called after every (re)subscription: state changes may have been missed meanwhile.
+        self.on_subscribed: Callable[[], Awaitable[None]] | None = None
 
     @abc.abstractmethod
     async def start(self, sink: DeliverySink) -> None:

@@ -115,18 +115,24 @@ class RedisBroker(Broker):
                     log.warning(
                         "Redis subscription is back; catching up from the store after id %d", self.last_seq
                     )
+                await self._catch_up_from_store()
+                if self.on_subscribed is not None:
+                    await self.on_subscribed()  # reload shared state changes missed while away
                 self.up = True
                 self._subscribed.set()
-                await self._catch_up_from_store()
                 delay = 0.1
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         await self._on_message(message)
-            except (RedisError, OSError) as exc:
-                if self.up:
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis, the store during catch-up, a bad message: retry, never stop
+                if self.up or not isinstance(exc, RedisError | OSError):
                     log.error(
-                        "lost the Redis subscription: %s; serving from the store, retrying with backoff", exc
+                        "lost the Redis subscription (%s: %s); serving from the store, retrying with backoff",
+                        type(exc).__name__,
+                        exc,
                     )
                 self.up = False
                 await self._serve_from_store(delay)

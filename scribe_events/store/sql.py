@@ -18,7 +18,7 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from scribe_events.crypto import Cipher, CryptoError
@@ -50,6 +50,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")  # a committed important event survives a crash
     cur.execute("PRAGMA busy_timeout=5000")
+    cur.execute("PRAGMA case_sensitive_like=ON")  # type filters match case as the live stream does
     cur.close()
 
 
@@ -191,6 +192,11 @@ class SQLEventStore(EventStore):
         except (SQLAlchemyError, OSError) as exc:
             for e in batch:
                 e.id = None
+            if isinstance(exc, IntegrityError | DataError):
+                # About this batch's rows, not the store: the publisher retries the jobs one by one.
+                raise StoreUnavailable(
+                    f"the store refused the events: {type(exc).__name__}", code="store_rejected"
+                ) from exc
             raise _fail("take the events", exc) from exc
 
     async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:

@@ -76,6 +76,8 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
     cors = cors_headers(runtime, headers.get(b"origin"))
     try:
         conn_args, plan, last_id = await _accept(runtime, scope, headers)
+        if runtime.hub.closing:  # shutdown began while the request was being checked
+            raise StoreUnavailable("the server is shutting down", code="shutting_down")
     except ScribeEventsError as exc:
         await send_error(send, exc, cors)
         return None
@@ -179,8 +181,10 @@ async def _replay(runtime: Runtime, conn: Connection, after: int) -> None:
             sent = batch[-1].id  # type: ignore[assignment]
         if len(batch) < page:
             break
-    if conn.id in hub.connections:
-        hub.go_live(conn, sent)
+    # Then what arrived live meanwhile, paced the same way, until the stream is live.
+    while conn.id in hub.connections and not hub.flush_pending(conn, page):
+        if conn.buffer_size() > hub.max_buffer // 2 and not await _drain(hub, conn):
+            return
 
 
 async def _drain(hub: Hub, conn: Connection) -> bool:

@@ -1,0 +1,110 @@
+"""The hub's mechanics on a sink we control (the socket-level behaviour is in test_stream_*)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from scribe_events.broker import MemoryBroker
+from scribe_events.config import Settings
+from scribe_events.control import Control
+from scribe_events.events import Delivery, Event
+from scribe_events.hub import Connection, Hub
+from scribe_events.state import Ban, MemoryState
+
+
+class FakeSink:
+    """A transport stand-in whose write buffer only drains when the test says so."""
+
+    def __init__(self) -> None:
+        self.accepts = False  # True: the kernel takes every write at once, as on a healthy socket
+        self.buffered = 0
+        self.received: list[bytes] = []
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        if self.closing:
+            raise RuntimeError("unable to perform operation on a closed transport")
+        self.received.append(data)
+        if not self.accepts:
+            self.buffered += len(data)
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def drain(self) -> None:
+        self.buffered = 0
+
+
+def _delivery(seq: int, size: int = 1000) -> Delivery:
+    return Event("custom.n", json.dumps({"pad": "x" * size}), user_id="u", id=seq).delivery()
+
+
+def test_hub_flush_pending_paced_by_the_socket_never_cuts_a_healthy_client() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink, replaying=True)
+    hub.add(conn, from_seq=0)
+    hub.dispatch([_delivery(n) for n in range(1, 401)])  # 400 KB parked during the replay
+    assert conn.pending is not None and len(conn.pending) == 400
+    while not hub.flush_pending(conn, 50):
+        assert not sink.aborted
+        sink.drain()  # the client reads
+    assert conn.pending is None and conn.id in hub.connections
+    assert len(sink.received) == 400 and conn.last_seq == 400
+    hub.dispatch([_delivery(401), _delivery(400)])  # live again; a duplicate is skipped
+    assert len(sink.received) == 401
+
+
+def test_hub_write_to_a_client_that_left_is_a_disconnect_not_a_failure() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    cuts: list[str] = []
+    hub.on_cut.append(lambda c, reason: cuts.append(reason))
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    sink.closing = True  # connection_lost happened; the stream's handler has not run yet
+    hub.dispatch([_delivery(1)])
+    assert conn.id not in hub.connections and conn.closed_reason == "client_closed"
+    assert cuts == [] and hub.cut_off == 0
+
+
+def test_hub_slow_client_is_cut_and_reported() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=4 * 1024)
+    cuts: list[tuple[str, int]] = []
+    hub.on_cut.append(lambda c, reason: cuts.append((reason, c.flushed_seq)))
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    sink.accepts = True
+    hub.dispatch([_delivery(1)])  # left at once
+    sink.accepts = False  # then the client stops reading
+    hub.dispatch([_delivery(n) for n in range(2, 10)])
+    assert cuts == [("slow_client", 1)]  # event 1 left the buffer; 2.. are the failed ones
+    assert sink.aborted and conn.id not in hub.connections
+
+
+def test_control_reload_applies_a_ban_missed_while_away() -> None:
+    async def scenario() -> None:
+        hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+        state, broker = MemoryState(), MemoryBroker()
+        control = Control(Settings(jwt_secret="x" * 40), state, broker, hub)
+        await control.start()
+        sink = FakeSink()
+        hub.add(Connection("c1", "mallory", None, sink))
+        await state.save_ban(Ban("user:mallory", "spam", None))  # announced while we were away
+        assert broker.on_subscribed is not None
+        await broker.on_subscribed()
+        assert sink.aborted and not hub.connections
+
+    asyncio.run(scenario())
