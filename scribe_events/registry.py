@@ -147,33 +147,29 @@ class RedisRegistry(Registry):
 
     async def _flush(self) -> None:
         assert self.hub is not None
-        if self._resync:
-            await self._refresh(full=True)
-            self._resync = False
-            self._ops.clear()
-            return
-        if not self._ops:
-            return
         ops = list(self._ops)
-        async with self.client.pipeline(transaction=False) as pipe:
-            for op, conn in ops:
-                (self._add if op == "add" else self._remove)(pipe, conn, self.hub.instance)
-            await pipe.execute()
-        for _ in ops:
-            self._ops.popleft()
+        self._ops.clear()  # taken before any await: what is queued meanwhile waits for the next round
+        try:
+            if self._resync:
+                await self._refresh()  # re-registers every live connection, which covers the ops
+                self._resync = False
+                return
+            if ops:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for op, conn in ops:
+                        (self._add if op == "add" else self._remove)(pipe, conn, self.hub.instance)
+                    await pipe.execute()
+        except BaseException:
+            self._resync = True  # the next round re-registers everything from the hub
+            raise
 
-    async def _refresh(self, full: bool = False) -> None:
-        """Renew every local connection's TTL and last_seen (or re-register all of them)."""
+    async def _refresh(self) -> None:
+        """Re-register every local connection: its whole hash (so an expired one comes back
+        complete), a fresh TTL and last_seen, and its index entries."""
         assert self.hub is not None
-        now = str(round(time.time(), 3))
         async with self.client.pipeline(transaction=False) as pipe:
             for conn in list(self.hub.connections.values()):
-                if full:
-                    self._add(pipe, conn, self.hub.instance)
-                else:
-                    key = self.keys.connection(conn.id)
-                    pipe.hset(key, "last_seen", now)
-                    pipe.pexpire(key, self.ttl_ms)
+                self._add(pipe, conn, self.hub.instance)
             await pipe.execute()
 
     async def list(
@@ -196,10 +192,10 @@ class RedisRegistry(Registry):
             found = await pipe.execute()
         entries, gone = [], []
         for cid, raw in zip(ids, found, strict=True):
-            if not raw:
+            entry: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()} if raw else {}
+            if "connected_at" not in entry:
                 gone.append(cid)  # expired: its instance died without cleaning up
                 continue
-            entry: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
             entry["session_id"] = entry.get("session_id") or None
             entry["connected_at"] = float(entry["connected_at"])
             entry["last_seen"] = float(entry["last_seen"])

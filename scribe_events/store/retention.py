@@ -15,6 +15,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from scribe_events.store.schema import events, failed_deliveries, idempotency_keys, store_meta
@@ -56,7 +57,11 @@ async def _partitions(conn: AsyncConnection) -> list[str]:
 
 
 async def ensure(conn: AsyncConnection, now: int) -> None:
-    """Make the day partitions from yesterday to a few days ahead (PostgreSQL)."""
+    """Make the day partitions from yesterday to a few days ahead (PostgreSQL).
+
+    Instances starting together (or their hourly jobs) take turns: a transaction lock per schema.
+    """
+    await conn.execute(sa.text("SELECT pg_advisory_xact_lock(23523, hashtext(current_schema()))"))
     existing = set(await _partitions(conn))
     today = day_start(now)
     for n in range(-1, DAYS_AHEAD + 1):
@@ -73,7 +78,7 @@ async def ensure(conn: AsyncConnection, now: int) -> None:
             continue
         await conn.execute(
             sa.text(
-                f'CREATE TABLE "{name}" PARTITION OF events FOR VALUES FROM ({start}) TO ({start + DAY_MS})'
+                f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF events FOR VALUES FROM ({start}) TO ({start + DAY_MS})'
             )
         )
 
@@ -100,16 +105,27 @@ async def purge(engine: AsyncEngine, dialect: str, cutoff_ms: int, progress: Pro
         await set_meta(conn, "purged_through", int(newest))
     done = 0
     if dialect == "postgresql":
-        async with engine.begin() as conn:
-            for name in sorted(await _partitions(conn)):
-                day = _partition_day(name)
-                if day is None or day + DAY_MS > cutoff_ms:
-                    continue
-                count = (await conn.execute(sa.text(f'SELECT count(*) FROM "{name}"'))).scalar() or 0
-                await conn.execute(sa.text(f'DROP TABLE "{name}"'))
-                done += int(count)
-                if progress:
-                    progress(done, total)
+        async with engine.connect() as conn:
+            old_days = [
+                n
+                for n in sorted(await _partitions(conn))
+                if (d := _partition_day(n)) and d + DAY_MS <= cutoff_ms
+            ]
+        for name in old_days:
+            # One short transaction per day: counting reads only that partition; the DROP holds the
+            # parent's lock for a moment, and gives up (lock_timeout) rather than queue behind
+            # long readers and stall the writers behind it. A day left over is dropped next run.
+            async with engine.begin() as conn:
+                count = int((await conn.execute(sa.text(f'SELECT count(*) FROM "{name}"'))).scalar() or 0)
+            try:
+                async with engine.begin() as conn:
+                    await conn.execute(sa.text("SET LOCAL lock_timeout = '2s'"))
+                    await conn.execute(sa.text(f'DROP TABLE "{name}"'))
+            except DBAPIError:
+                continue  # busy: its rows are deleted below, or the day is dropped next time
+            done += count
+            if progress:
+                progress(done, total)
     while True:
         async with engine.begin() as conn:
             ids = sa.select(events.c.id).where(old).order_by(events.c.id).limit(BATCH).scalar_subquery()
