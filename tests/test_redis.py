@@ -91,6 +91,13 @@ def _publish(server: ProcessServer, body: dict[str, Any], **headers: str) -> lis
     return list(r.json()["ids"])
 
 
+def _status(server: ProcessServer, user: str) -> int:
+    with RawStream(
+        server.port, "/api/v1/events/stream", {"Authorization": f"Bearer {mint_token(SECRET, user)}"}
+    ) as s:
+        return s.status
+
+
 def _admin(server: ProcessServer) -> dict[str, str]:
     return {"Authorization": f"Bearer {mint_token(SECRET, 'root', roles=['admin'])}"}
 
@@ -205,6 +212,14 @@ def test_redis_push_mode_and_bans_hold_on_every_instance(
             two.port, "/api/v1/events/stream", {"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"}
         ) as refused:
             assert refused.status == 403 and refused.error_body["error"]["code"] == "banned"
+        # An address ban does not lock out the admin who lifts it.
+        banned_ip = httpx.post(
+            one.url + "/api/v1/admin/bans", json={"ip": "127.0.0.1", "ttl_s": 60}, headers=_admin(one)
+        )
+        assert banned_ip.status_code == 201
+        wait_for(lambda: _status(two, "bob") == 403)
+        lifted = httpx.delete(two.url + "/api/v1/admin/bans", params={"ip": "127.0.0.1"}, headers=_admin(two))
+        assert lifted.status_code == 200
         assert (
             httpx.delete(
                 two.url + "/api/v1/admin/bans", params={"user_id": "alice"}, headers=_admin(two)
