@@ -279,7 +279,9 @@ def _old_events(db: Path, ages_days: list[float]) -> None:
 
 
 def test_cli_purge_and_resend_against_a_running_server(tmp_path: Path) -> None:
-    server = ProcessServer(tmp_path).start()  # embedded defaults in tmp_path
+    # Embedded defaults in tmp_path; a long retention so the server's own job leaves the old rows
+    # this test inserts to the purge command.
+    server = ProcessServer(tmp_path, env={"SCRIBE_EVENTS_RETENTION_DAYS": "365"}).start()
     url = ["--url", server.url]
     try:
         db = tmp_path / "scribe-events.db"
@@ -347,7 +349,8 @@ def test_publish_the_store_cannot_take_is_503_and_nothing_half_done(
     assert int(second) > int(first)
 
 
-def test_admin_purge_endpoint(server: ThreadServer) -> None:
+def test_admin_purge_endpoint(make_server: MakeServer) -> None:
+    server = make_server(retention_days=365)  # the retention job must not purge them first
     _old_events(server.db_path, [12, 9])
     server.publish_ok({"type": "custom.new", "user_id": "demo"})
     dry = httpx.post(
