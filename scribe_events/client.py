@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,9 +111,6 @@ def stream_url(
     if types:
         params["types"] = types
     return base_url.rstrip("/") + "/api/v1/events/stream", params
-
-
-StatusHook = Callable[[str, str], Awaitable[None] | None]
 
 
 async def follow(

@@ -94,14 +94,6 @@ class Connection:
         the events after it are the ones recorded as failed deliveries."""
         return self.backlog_from if self.backlog_from >= 0 else self.last_seq
 
-    def wants(self, d: Delivery) -> bool:
-        """Routing and type filter, for the slow paths (the hub's loop inlines this)."""
-        if not d.broadcast and d.user_id != self.user_id:
-            return False
-        if d.session_id is not None and d.session_id != self.session_id:
-            return False
-        return self.types is None or self.types(d.type)
-
 
 FailureHook = Callable[[Connection, str], None]
 
@@ -164,9 +156,6 @@ class Hub:
 
     def __len__(self) -> int:
         return len(self.connections)
-
-    def count_for(self, user_id: str) -> int:
-        return len(self._by_user.get(user_id, EMPTY))
 
     def users(self) -> list[str]:
         return list(self._by_user)
