@@ -40,3 +40,14 @@ def test_settings_dev_secret_is_generated_once(tmp_path: Path) -> None:
     assert first and len(first) >= 32
     assert s.signing_secret(create=True) == first
     assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_settings_read_toml_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "scribe-events.toml").write_text("heartbeat_s = 7\nretention_days = 3\n")
+    (tmp_path / ".env").write_text("SCRIBE_EVENTS_RETENTION_DAYS=5\n")
+    s = Settings()
+    assert s.heartbeat_s == 7  # from the toml file
+    assert s.retention_days == 5  # .env wins over the toml file
+    monkeypatch.setenv("SCRIBE_EVENTS_RETENTION_DAYS", "9")
+    assert Settings().retention_days == 9  # and the environment over both
