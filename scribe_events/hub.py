@@ -208,7 +208,7 @@ class Hub:
                     troubled.append((c, "write_error"))
                     continue
                 delivered += 1
-            if seq is not None:
+            if seq is not None and seq > self.last_seq:
                 self.last_seq = seq
         self.delivered += delivered
         if troubled:
