@@ -284,6 +284,12 @@ class Delivery:
         self.envelope = envelope
         self.chunk = chunk
 
+    def overtaking_chunk(self) -> bytes:
+        """The frame without its ``id:`` line: for a ``system.error`` sent ahead of events still
+        queued for a stream (the client's Last-Event-ID must not jump past them). It comes again,
+        in order, with its id; clients de-duplicate by envelope id."""
+        return sse.chunk(sse.frame(self.envelope, event=self.type))
+
     @classmethod
     def build(
         cls,

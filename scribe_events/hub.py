@@ -26,6 +26,8 @@ log = logging.getLogger("scribe_events.hub")
 EMPTY: frozenset[Connection] = frozenset()
 # Live events held for one connection while it replays; past this it is cut off as slow.
 MAX_PENDING = 10_000
+# Sent at once even to a stream that is still replaying (without an id: line, see Delivery).
+URGENT_TYPE = "system.error"
 
 
 class Sink(Protocol):
@@ -185,6 +187,8 @@ class Hub:
                     continue
                 if c.pending is not None:
                     c.pending.append(d)
+                    if type_ == URGENT_TYPE:  # never delayed behind a replay
+                        self.write_direct(c, (d.overtaking_chunk(),))
                     if len(c.pending) > MAX_PENDING:
                         troubled = troubled or []
                         troubled.append((c, "slow_client"))

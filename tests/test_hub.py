@@ -108,3 +108,24 @@ def test_control_reload_applies_a_ban_missed_while_away() -> None:
         assert sink.aborted and not hub.connections
 
     asyncio.run(scenario())
+
+
+def test_hub_system_error_overtakes_a_replay_without_moving_last_event_id() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    sink = FakeSink()
+    sink.accepts = True
+    conn = Connection("c1", "u", None, sink, replaying=True)
+    hub.add(conn, from_seq=0)
+    error = Event(
+        "system.error",
+        json.dumps({"level": "critical", "impact": "all", "message": "down"}),
+        broadcast=True,
+        id=7,
+    ).delivery()
+    hub.dispatch([_delivery(6), error])
+    assert len(sink.received) == 1 and b"id:" not in sink.received[0]  # at once, without id:
+    assert b'"id":"7"' in sink.received[0]
+    while not hub.flush_pending(conn, 10):
+        pass
+    assert [b"id: 6" in c for c in sink.received[1:]] == [True, False]
+    assert b"id: 7\n" in sink.received[2]  # and again in order, with its id
