@@ -38,18 +38,16 @@ def _age(seconds: float) -> str:
 
 
 async def _from_redis(settings: Settings, **filters: str | None) -> list[dict[str, Any]]:
-    import redis.asyncio as aioredis
-
-    from scribe_events.constants import RedisKeys
+    from scribe_events.constants import RedisKeys, redis_client
     from scribe_events.registry import RedisRegistry
 
     assert settings.redis_url is not None
-    redis_client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+    client = redis_client(settings.redis_url)
     try:
-        registry = RedisRegistry(redis_client, RedisKeys(settings.redis_prefix), None, ttl_s=1, refresh_s=1)
+        registry = RedisRegistry(client, RedisKeys(settings.redis_prefix), None, ttl_s=1, refresh_s=1)
         return await registry.list(**filters)
     finally:
-        await redis_client.aclose()
+        await client.aclose()
 
 
 def connections(

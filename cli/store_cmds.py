@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
@@ -13,21 +14,19 @@ from scribe_events_cli.common import client_token, console, fail, friendly, load
 from scribe_events_cli.durations import parse_duration, parse_since
 
 from scribe_events import client
+from scribe_events.config import Settings
 from scribe_events.crypto import new_key
 from scribe_events.events import now_ms, rfc3339
-from scribe_events.store import migrate
+from scribe_events.store import make_store, migrate
+from scribe_events.store.retention import cutoff_for
 from scribe_events.store.sql import SQLEventStore
 
 db_app = typer.Typer(help="The event store's schema (Alembic migrations).", no_args_is_help=True)
 
 
-def _store(settings: Any, *, auto_migrate: bool = False) -> SQLEventStore:
-    from scribe_events.crypto import Cipher
-
-    cipher = Cipher(settings.encryption_keys) if settings.encryption_keys else None
-    return SQLEventStore(
-        settings.database_url, schema=settings.database_schema, auto_migrate=auto_migrate, cipher=cipher
-    )
+def _store(settings: Settings) -> SQLEventStore:
+    """The configured store, never migrating by itself (``db upgrade`` does that explicitly)."""
+    return make_store(settings.model_copy(update={"auto_migrate": False}))
 
 
 @db_app.command("upgrade")
@@ -91,7 +90,7 @@ def purge(
     """Delete stored events older than an age, straight from the database (the server may run)."""
     settings = load_settings()
     age = parse_duration(older_than) if older_than else parse_duration(f"{settings.retention_days}d")
-    cutoff = now_ms() - int(age.total_seconds() * 1000)
+    cutoff = cutoff_for(age / timedelta(days=1), now_ms())
     store = _store(settings)
 
     async def run() -> int:

@@ -1,6 +1,14 @@
-"""Every Redis key and channel name, in one place. All start with ``SCRIBE_EVENTS_REDIS_PREFIX``."""
+"""Every Redis key and channel name, in one place. All start with ``SCRIBE_EVENTS_REDIS_PREFIX``.
+Also the one way a command connection to Redis is made."""
 
 from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+
+def redis_client(url: str) -> aioredis.Redis:
+    """A command connection pool (short timeouts: a request never hangs on a lost Redis)."""
+    return aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
 
 
 class RedisKeys:

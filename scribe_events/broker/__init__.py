@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import redis.asyncio as aioredis
+
 from scribe_events.broker.base import Broker, ControlHook, DeliverySink
 from scribe_events.broker.memory import MemoryBroker
 from scribe_events.config import Settings
@@ -13,14 +15,23 @@ __all__ = ["Broker", "ControlHook", "DeliverySink", "MemoryBroker", "make_broker
 CATCH_UP_PAGE = 1000
 
 
-def make_broker(settings: Settings, store: EventStore | None = None, *, last_seq: int = 0) -> Broker:
+def make_broker(
+    settings: Settings,
+    store: EventStore | None = None,
+    *,
+    last_seq: int = 0,
+    redis: aioredis.Redis | None = None,
+) -> Broker:
+    """The in-process broker, or with ``SCRIBE_EVENTS_REDIS_URL`` the Redis one (on ``redis``, the
+    instance's command pool)."""
     if not settings.redis_url:
         return MemoryBroker()
+    assert redis is not None, "the Redis broker needs the instance's Redis client"
     from scribe_events.broker.redis import RedisBroker
 
     async def catch_up(after: int) -> list:  # type: ignore[type-arg]
         return [] if store is None else await store.read_all(after=after, limit=CATCH_UP_PAGE)
 
     return RedisBroker(
-        settings.redis_url, RedisKeys(settings.redis_prefix), catch_up=catch_up, last_seq=last_seq
+        settings.redis_url, redis, RedisKeys(settings.redis_prefix), catch_up=catch_up, last_seq=last_seq
     )

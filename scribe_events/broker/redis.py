@@ -68,10 +68,14 @@ class RedisBroker(Broker):
     name = "redis"
     shared = True
 
-    def __init__(self, url: str, keys: RedisKeys, *, catch_up: CatchUp, last_seq: int = 0) -> None:
+    def __init__(
+        self, url: str, client: aioredis.Redis, keys: RedisKeys, *, catch_up: CatchUp, last_seq: int = 0
+    ) -> None:
+        """``client`` is the instance's command pool (shared, closed by its owner); the
+        subscription gets a connection of its own, without a read timeout."""
         super().__init__()
         self.keys = keys
-        self.client = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        self.client = client
         self._listener_client = aioredis.from_url(url, socket_connect_timeout=2, health_check_interval=5)
         self._catch_up = catch_up
         self.last_seq = last_seq
@@ -101,7 +105,6 @@ class RedisBroker(Broker):
     async def close(self) -> None:
         await cancel(self._task)
         self._task = None
-        await self.client.aclose()
         await self._listener_client.aclose()
 
     async def _listen(self) -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from scribe_events.config import Settings
 from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyRecord
+
+if TYPE_CHECKING:
+    from scribe_events.store.sql import SQLEventStore
 
 __all__ = ["EventStore", "FailedDelivery", "IdempotencyRecord", "make_store"]
 
 
-def make_store(settings: Settings) -> EventStore:
+def make_store(settings: Settings) -> SQLEventStore:
     from scribe_events.crypto import Cipher
     from scribe_events.store.sql import SQLEventStore
 

@@ -23,7 +23,7 @@ from scribe_events import __version__
 from scribe_events.auth import TokenVerifier
 from scribe_events.broker import Broker, make_broker
 from scribe_events.config import Settings
-from scribe_events.constants import RedisKeys
+from scribe_events.constants import RedisKeys, redis_client
 from scribe_events.control import Control
 from scribe_events.exceptions import PayloadTooLarge, StoreUnavailable
 from scribe_events.failures import FailureRecorder
@@ -126,8 +126,8 @@ class ScribeApp:
                 max_buffer=settings.max_connection_buffer,
             )
             hub.last_seq = head  # a fresh stream starts from now
-            state, registry = self._shared(settings, hub, stack)
-            broker = make_broker(settings, store, last_seq=head)
+            state, registry, redis = self._shared(settings, hub, stack)
+            broker = make_broker(settings, store, last_seq=head, redis=redis)
             control = Control(settings, state, broker, hub)
             try:
                 await control.start()
@@ -184,17 +184,18 @@ class ScribeApp:
     @staticmethod
     def _shared(
         settings: Settings, hub: Hub, stack: contextlib.AsyncExitStack
-    ) -> tuple[SharedState, Registry]:
-        """Tickets, push mode, bans and the registry: in Redis when configured, else in this process."""
+    ) -> tuple[SharedState, Registry, aioredis.Redis | None]:
+        """Tickets, push mode, bans and the registry: in Redis when configured, else in this process.
+        Also the instance's one Redis command pool (None without Redis), which the broker shares."""
         if not settings.redis_url:
-            return MemoryState(), LocalRegistry(hub)
-        client = aioredis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5)
+            return MemoryState(), LocalRegistry(hub), None
+        client = redis_client(settings.redis_url)
         stack.push_async_callback(client.aclose)
         keys = RedisKeys(settings.redis_prefix)
         registry = RedisRegistry(
             client, keys, hub, ttl_s=1.5 * settings.heartbeat_s, refresh_s=settings.heartbeat_s
         )
-        return RedisState(client, keys), registry
+        return RedisState(client, keys), registry, client
 
 
 def create_app(settings: Settings | None = None) -> ScribeApp:
