@@ -13,8 +13,18 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 from rich.panel import Panel
+from rich.text import Text
 from scribe_events_cli import ops_cmds, store_cmds
-from scribe_events_cli.common import client_token, console, err_console, fail, friendly, load_settings
+from scribe_events_cli.common import (
+    client_token,
+    console,
+    dumps,
+    err_console,
+    fail,
+    friendly,
+    load_settings,
+    visible,
+)
 from scribe_events_cli.render import render_message
 
 from scribe_events import __version__, client
@@ -196,9 +206,11 @@ def publish(
     bearer = client_token(settings, token, "scribe-events-cli", ["publisher"])
     ids = asyncio.run(client.publish(settings.url, bearer, body, idempotency_key=idempotency_key))
     if as_json:
-        print(json.dumps({"ids": ids}))
+        print(dumps({"ids": ids}))
     else:
-        console.print(f"[green]published[/] {type_} id={', '.join(ids)}")
+        console.print(
+            Text.assemble(("published", "green"), f" {visible(type_)} id={visible(', '.join(ids))}")
+        )
 
 
 @app.command()
@@ -220,7 +232,7 @@ def tail(
     bearer = client_token(settings, token, user, [])
 
     def status(state: str, detail: str) -> None:
-        err_console.print(f"[yellow]{state}[/] {escape(detail)}")
+        err_console.print(Text.assemble((state, "yellow"), " ", visible(detail)))
 
     async def run() -> None:
         async for message in client.follow(
@@ -245,8 +257,8 @@ def _json_line(message: client.Message) -> str:
     except ValueError:
         data = message.data
     if isinstance(data, dict) and "type" in data and "id" in data:
-        return json.dumps(data, ensure_ascii=False)  # an envelope
-    return json.dumps({"type": message.event, "data": data}, ensure_ascii=False)
+        return str(dumps(data))  # an envelope
+    return str(dumps({"type": message.event, "data": data}))
 
 
 app.add_typer(store_cmds.db_app, name="db")

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
-from scribe_events_cli.common import client_token, console, fail, friendly, load_settings
+from rich.text import Text
+from scribe_events_cli.common import (
+    client_token,
+    console,
+    dumps,
+    fail,
+    friendly,
+    literal,
+    load_settings,
+    visible,
+)
 from scribe_events_cli.durations import parse_duration
 
 from scribe_events import client
@@ -75,7 +84,7 @@ def connections(
         params = {k: v for k, v in filters.items() if v}
         rows = _call(settings, token, "GET", "/api/v1/admin/connections", params=params)["connections"]
     if as_json:
-        print(json.dumps({"connections": rows}))
+        print(dumps({"connections": rows}))
         return
     now = time.time()
     table = Table(title=f"{len(rows)} live connection(s)")
@@ -83,14 +92,14 @@ def connections(
         table.add_column(column)
     for c in rows:
         table.add_row(
-            c["connection_id"],
-            c["user_id"],
-            c["session_id"] or "",
-            c["instance"],
+            literal(c["connection_id"]),
+            literal(c["user_id"]),
+            literal(c["session_id"] or ""),
+            literal(c["instance"]),
             _age(now - c["connected_at"]),
             _age(now - c["last_seen"]) + " ago",
-            c["remote"],
-            c["user_agent"],
+            literal(c["remote"]),
+            literal(c["user_agent"]),
         )
     console.print(table)
 
@@ -121,7 +130,10 @@ def ban_add(
         "ttl_s": int(parse_duration(ttl).total_seconds()) if ttl else None,
     }
     out = _call(settings, token, "POST", "/api/v1/admin/bans", json_body=body)
-    console.print(f"[red]banned[/] {out.get('user_id') or out.get('ip')} until {out['until'] or 'lifted'}")
+    target = out.get("user_id") or out.get("ip")
+    console.print(
+        Text.assemble(("banned", "red"), f" {visible(target)} until {visible(out['until'] or 'lifted')}")
+    )
 
 
 @ban_app.command("remove")
@@ -136,7 +148,7 @@ def ban_remove(
     settings = load_settings(url=url)
     params = {k: v for k, v in {"user_id": user, "ip": ip}.items() if v}
     out = _call(settings, token, "DELETE", "/api/v1/admin/bans", params=params)
-    console.print(f"[green]lifted[/] {out['lifted']}")
+    console.print(Text.assemble(("lifted", "green"), " ", visible(out["lifted"])))
 
 
 @ban_app.command("list")
@@ -146,16 +158,16 @@ def ban_list(as_json: JsonOpt = False, url: UrlOpt = None, token: TokenOpt = Non
     settings = load_settings(url=url)
     bans = _call(settings, token, "GET", "/api/v1/admin/bans")["bans"]
     if as_json:
-        print(json.dumps({"bans": bans}))
+        print(dumps({"bans": bans}))
         return
     table = Table(title=f"{len(bans)} ban(s)")
     for column in ("banned", "reason", "until"):
         table.add_column(column)
     for b in bans:
         table.add_row(
-            (b.get("user_id") and f"user {b['user_id']}") or f"ip {b['ip']}",
-            b["reason"],
-            b["until"] or "lifted",
+            literal((b.get("user_id") and f"user {b['user_id']}") or f"ip {b['ip']}"),
+            literal(b["reason"]),
+            literal(b["until"] or "lifted"),
         )
     console.print(table)
 
@@ -177,7 +189,13 @@ def push_mode(
     if mode is None:
         bearer = client_token(settings, token, user, [])
         out = asyncio.run(client.request_json(settings.url, bearer, "GET", "/api/v1/events/config"))
-        console.print(f"push mode for {user}: [bold]{out['mode']}[/] (poll every {out['poll_interval_s']} s)")
+        console.print(
+            Text.assemble(
+                f"push mode for {visible(user)}: ",
+                (visible(out["mode"]), "bold"),
+                f" (poll every {visible(out['poll_interval_s'])} s)",
+            )
+        )
         return
     if mode not in ("sse", "polling"):
         raise fail("the mode is sse or polling")
@@ -188,4 +206,8 @@ def push_mode(
         "/api/v1/admin/push-mode",
         json_body={"mode": mode, "sse_percent": sse_percent},
     )
-    console.print(f"[green]push mode[/] {out['mode']} ({out['sse_percent']} % on SSE)")
+    console.print(
+        Text.assemble(
+            ("push mode", "green"), f" {visible(out['mode'])} ({visible(out['sse_percent'])} % on SSE)"
+        )
+    )

@@ -1,4 +1,4 @@
-"""How ``tail`` shows a message to a person: one coloured line each."""
+"""How ``tail`` shows a message to a person: one coloured line each, every part of it shown literally."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from rich.text import Text
+from scribe_events_cli.common import visible
 
 from scribe_events.client import Message
 
@@ -34,7 +35,7 @@ def _summary(data: Any, limit: int = 160) -> str:
         )
     else:
         text = json.dumps(data, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return str(visible(text if len(text) <= limit else text[: limit - 1] + "…"))
 
 
 def render_message(message: Message) -> Text:
@@ -43,12 +44,13 @@ def render_message(message: Message) -> Text:
     except ValueError:
         payload = message.data
     line = Text()
+    event = visible(message.event)
     if isinstance(payload, dict) and {"id", "type", "time", "data"} <= set(payload):
-        line.append(payload["time"][11:23] + "  ", style="dim")
-        line.append(f"{message.event:<26}", style=_colour(message.event))
-        line.append(f" #{payload['id']:<8} ", style="bold")
+        line.append(visible(str(payload["time"])[11:23]) + "  ", style="dim")
+        line.append(f"{event:<26}", style=_colour(message.event))
+        line.append(f" #{visible(payload['id']):<8} ", style="bold")
         line.append(_summary(payload["data"]))
         return line
-    line.append(f"{'':14}{message.event:<26}", style=_colour(message.event))
+    line.append(f"{'':14}{event:<26}", style=_colour(message.event))
     line.append(" " + _summary(payload), style="dim" if message.event == "heartbeat" else "")
     return line

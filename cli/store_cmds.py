@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import timedelta
 from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from scribe_events_cli.common import client_token, console, fail, friendly, load_settings
+from rich.text import Text
+from scribe_events_cli.common import (
+    client_token,
+    console,
+    dumps,
+    fail,
+    friendly,
+    literal,
+    load_settings,
+    visible,
+)
 from scribe_events_cli.durations import parse_duration, parse_since
 
 from scribe_events import client
@@ -48,11 +57,13 @@ def db_upgrade(
             await engine.dispose()
 
     before, after = asyncio.run(run())
-    where = store.describe()
+    where = visible(store.describe())
     if before == after:
-        console.print(f"[green]up to date[/] {where} at revision {after}")
+        console.print(Text.assemble(("up to date", "green"), f" {where} at revision {visible(after)}"))
     else:
-        console.print(f"[green]upgraded[/] {where}: {before or 'empty'} → {after}")
+        console.print(
+            Text.assemble(("upgraded", "green"), f" {where}: {visible(before or 'empty')} → {visible(after)}")
+        )
 
 
 @db_app.command("current")
@@ -71,10 +82,14 @@ def db_current(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
 
     at, head = asyncio.run(run()), migrate.head()
     if as_json:
-        print(json.dumps({"database": store.describe(), "current": at, "head": head}))
+        print(dumps({"database": store.describe(), "current": at, "head": head}))
         return
-    state = "[green]up to date[/]" if at == head else "[yellow]needs `scribe-events db upgrade`[/]"
-    console.print(f"{store.describe()}: revision {at or 'none'} (this version: {head}) {state}")
+    state = ("up to date", "green") if at == head else ("needs `scribe-events db upgrade`", "yellow")
+    console.print(
+        Text.assemble(
+            f"{visible(store.describe())}: revision {visible(at or 'none')} (this version: {head}) ", state
+        )
+    )
     if at != head:
         raise typer.Exit(1)
 
@@ -114,7 +129,7 @@ def purge(
 
     count = asyncio.run(run())
     if as_json:
-        print(json.dumps({"dry_run": dry_run, "cutoff": rfc3339(cutoff), "events": count}))
+        print(dumps({"dry_run": dry_run, "cutoff": rfc3339(cutoff), "events": count}))
     elif dry_run:
         console.print(f"would purge [bold]{count}[/] events older than {rfc3339(cutoff)} (dry run)")
     else:
@@ -147,19 +162,19 @@ def resend(
     )
     rows = answer["resent"]
     if as_json:
-        print(json.dumps(answer))
+        print(dumps(answer))
         return
     table = Table(title=("would resend" if dry_run else "resent") + f" ({len(rows)})")
     for column in ("event", "type", "user", "session", "reason", "failed at", "resent"):
         table.add_column(column)
     for r in rows:
         table.add_row(
-            r["event_id"],
-            r["type"] or "(purged)",
-            r["user_id"],
-            r["session_id"] or "",
-            r["reason"],
-            r["failed_at"],
+            literal(r["event_id"]),
+            literal(r["type"] or "(purged)"),
+            literal(r["user_id"]),
+            literal(r["session_id"] or ""),
+            literal(r["reason"]),
+            literal(r["failed_at"]),
             str(r["resend_count"] + (0 if dry_run else 1)),
         )
     console.print(table)
@@ -189,9 +204,9 @@ def bench_store(
 
     result = asyncio.run(store_bench(database_url, lone=lone, events=events, concurrency=concurrency))
     if as_json:
-        print(json.dumps(result))
+        print(dumps(result))
         return
-    table = Table(title=f"group commit on {result['store']}")
+    table = Table(title=literal(f"group commit on {result['store']}"))
     for column in ("load", "events", "events/s", "p50 ms", "p99 ms", "events/batch"):
         table.add_column(column, justify="right")
     a, b = result["lone"], result["loaded"]

@@ -10,6 +10,7 @@ import jwt
 
 from scribe_events.config import Settings
 from scribe_events.exceptions import Forbidden, InvalidToken, Unauthorized
+from scribe_events.ids import is_text_id
 
 ROLE_PUBLISHER = "publisher"
 ROLE_ADMIN = "admin"
@@ -23,6 +24,7 @@ class Principal:
     user_id: str
     session_id: str | None = None
     roles: frozenset[str] = field(default_factory=frozenset)
+    expires_at: float | None = None  # the token's exp (epoch seconds)
 
     @property
     def is_admin(self) -> bool:
@@ -83,13 +85,14 @@ class TokenVerifier:
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
     sub, sid, roles = claims.get("sub"), claims.get("sid"), claims.get("roles", [])
-    if not isinstance(sub, str) or not sub:
-        raise InvalidToken("the token's 'sub' must be a non-empty string")
-    if sid is not None and (not isinstance(sid, str) or not sid):
-        raise InvalidToken("the token's 'sid' must be a non-empty string")
-    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+    if not is_text_id(sub):
+        raise InvalidToken("the token's 'sub' must be 1-200 characters without control characters")
+    if sid is not None and not is_text_id(sid):
+        raise InvalidToken("the token's 'sid' must be 1-200 characters without control characters")
+    if not isinstance(roles, list) or len(roles) > 20 or not all(isinstance(r, str) for r in roles):
         raise InvalidToken("the token's 'roles' must be a list of strings")
-    return Principal(sub, sid, frozenset(roles))
+    exp = claims.get("exp")
+    return Principal(str(sub), sid, frozenset(roles), float(exp) if isinstance(exp, int | float) else None)
 
 
 def bearer_token(authorization: str | None) -> str:

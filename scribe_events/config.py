@@ -70,7 +70,31 @@ class Settings(BaseSettings):
     max_connection_buffer: int = 256 * 1024
     replay_page: int = 500
     publish_queue: int = 10_000
+    # Bytes of event data waiting in the publish queue; past it publishers get 503 (retry).
+    publish_queue_bytes: int = Field(64 * 1024 * 1024, gt=0)
     publish_batch: int = 1000
+    # How deeply event data may nest (objects and lists).
+    max_data_depth: int = Field(32, ge=1, le=200)
+    # Globs in one ``types=`` filter.
+    max_type_globs: int = Field(50, ge=1, le=500)
+
+    # Hostile or careless clients. A request's head (request line and headers) may hold at most
+    # max_header_bytes (431 past it) and must arrive within header_timeout_s (408); a body must
+    # arrive within body_timeout_s. Past max_connections open sockets, new ones get 503.
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_connections: int = Field(30_000, ge=1)
+    # Open streams on this instance per user and per address (429 past them; admins exempt). The
+    # per-address default lets a whole office behind one NAT in.
+    max_streams_per_user: int = Field(32, ge=1)
+    max_streams_per_ip: int = Field(15_000, ge=1)
+    # Tickets a user may hold unredeemed at once (429 past it).
+    max_tickets_per_user: int = Field(100, ge=1)
+    # Failed-delivery records kept per user (older ones are not replaced; new ones are dropped).
+    max_failed_per_user: int = Field(1000, ge=1)
+    # End a stream when its token expires (the client resumes with a fresh ticket, missing nothing).
+    end_stream_at_token_expiry: bool = True
 
     poll_interval_s: int = 30
     reconnect_max_retries: int = 5
@@ -108,12 +132,25 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _refuse_weak_production(self) -> Settings:
+        if self.environment == "production" and self.faults:
+            raise ValueError("SCRIBE_EVENTS_FAULTS is for the test suite and refused in production")
         if self.environment == "production" and self.jwt_public_key is None:
             if not self.jwt_secret:
                 raise ValueError("production needs SCRIBE_EVENTS_JWT_SECRET (no generated secret)")
             if len(self.jwt_secret.encode()) < MIN_SECRET_BYTES:
                 raise ValueError(f"SCRIBE_EVENTS_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")
         return self
+
+    def deployment_problem(self) -> str | None:
+        """Why the server cannot run with this configuration, or None. (Not a validator: client
+        commands read the same settings and may legitimately name only Redis.)"""
+        if self.redis_url and self.database_url.startswith("sqlite"):
+            return (
+                "SCRIBE_EVENTS_REDIS_URL is set but the store is SQLite: several instances need "
+                "PostgreSQL (its publish lock keeps their events in order); unset the Redis URL to run "
+                "one instance on SQLite"
+            )
+        return None
 
     @property
     def is_default_setup(self) -> bool:

@@ -23,6 +23,9 @@ class RedisKeys:
     def ticket(self, ticket: str) -> str:
         return f"{self.prefix}ticket:{ticket}"
 
+    def tickets_of(self, user_id: str) -> str:
+        return f"{self.prefix}tickets-of:{user_id}"  # counter of tickets issued, expires with them
+
     def connection(self, connection_id: str) -> str:
         return f"{self.prefix}conn:{connection_id}"  # hash of the connection's fields, with a TTL
 

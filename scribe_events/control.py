@@ -41,10 +41,6 @@ def ban_target(user_id: str | None, ip: str | None) -> str:
     return f"user:{user_id}" if user_id is not None else f"ip:{ip}"
 
 
-def _ip(remote: str) -> str:
-    return remote.rsplit(":", 1)[0] if remote else ""
-
-
 class Control:
     def __init__(self, settings: Settings, state: SharedState, broker: Broker, hub: Hub) -> None:
         self.settings = settings
@@ -145,7 +141,7 @@ class Control:
         if kind == "user":
             doomed = self.hub.of_user(value)
         else:
-            doomed = [c for c in self.hub.connections.values() if _ip(c.remote) == value]
+            doomed = [c for c in self.hub.connections.values() if c.ip == value]
         for conn in doomed:
             log.warning("closing connection %s of banned %s", conn.id, ban.target)
             self.hub.cut(conn, "banned")

@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import logging
 import re
 import secrets
 import time
@@ -21,11 +22,13 @@ from typing import Any, Literal
 
 from scribe_events import sse
 from scribe_events.exceptions import PayloadTooLarge, ValidationFailed
+from scribe_events.ids import TYPE_GLOB, TYPE_NAME, optional_text_id
+
+log = logging.getLogger("scribe_events.events")
 
 RESERVED_PREFIXES = ("task.", "content.", "workflow.", "system.", "connection.", "replay.")
-_TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*(?:\.[A-Za-z0-9][A-Za-z0-9_-]*)+$")
-_ID_VALUE = re.compile(r"^[^\x00-\x1f]{1,200}$")
-_TYPE_GLOB = re.compile(r"^[A-Za-z0-9_.*?-]{1,200}$")
+MAX_DATA_DEPTH = 32
+MAX_TYPE_GLOBS = 50
 
 # Data fields that route an event and are never sent to clients.
 ROUTING_FIELDS = ("owner", "readers")
@@ -124,7 +127,7 @@ def _describe(check: Callable[[Any], bool]) -> str:
 
 
 def check_type_name(type_: Any, field: str = "type") -> str:
-    if not isinstance(type_, str) or not _TYPE_NAME.match(type_) or len(type_) > 200:
+    if not isinstance(type_, str) or len(type_) > 200 or not TYPE_NAME.fullmatch(type_):
         raise ValidationFailed(
             "must be a dotted event type name such as 'content.novel-created'", field=field
         )
@@ -182,6 +185,7 @@ class Event:
         "resend",
         "sensitive",
         "session_id",
+        "tail",
         "task_id",
         "time_ms",
         "type",
@@ -217,6 +221,7 @@ class Event:
         self.time_ms = now_ms() if time_ms is None else time_ms
         self.id = id
         self.live_id: str | None = None
+        self.tail: str | None = None  # the envelope after its id, encoded once (see envelope)
         # A stored event sent again (resend): its envelope keeps its id, but no ``id:`` line, so
         # it never moves a client's Last-Event-ID backwards; clients de-duplicate by envelope id.
         self.resend = False
@@ -230,26 +235,31 @@ class Event:
             self.live_id = f"L{next(_live_ids)}"
         return self.live_id
 
-    def envelope(self) -> str:
+    def envelope(self, wire_id: str | None = None) -> str:
         """The envelope as one line of JSON (routing lists are never part of it)."""
-        parts = [
-            '{"id":',
-            dumps(self.wire_id),
-            ',"type":',
-            dumps(self.type),
-            ',"time":"',
-            rfc3339(self.time_ms),
-            '","data":',
-            self.data_json,
-        ]
-        if self.task_id is not None:
-            parts += [',"task_id":', dumps(self.task_id)]
-        if self.novel_id is not None:
-            parts += [',"novel_id":', dumps(self.novel_id)]
-        if self.session_id is not None:
-            parts += [',"session_id":', dumps(self.session_id)]
-        parts.append("}")
-        return "".join(parts)
+        return '{"id":' + dumps(self.wire_id if wire_id is None else wire_id) + self.envelope_tail()
+
+    def envelope_tail(self) -> str:
+        """Everything of the envelope after its id: made once, when the event is checked, so
+        what is stored is known to encode before it is committed."""
+        if self.tail is None:
+            parts = [
+                ',"type":',
+                dumps(self.type),
+                ',"time":"',
+                rfc3339(self.time_ms),
+                '","data":',
+                self.data_json,
+            ]
+            if self.task_id is not None:
+                parts += [',"task_id":', dumps(self.task_id)]
+            if self.novel_id is not None:
+                parts += [',"novel_id":', dumps(self.novel_id)]
+            if self.session_id is not None:
+                parts += [',"session_id":', dumps(self.session_id)]
+            parts.append("}")
+            self.tail = "".join(parts)
+        return self.tail
 
     def delivery(self) -> Delivery:
         """Encode once for this instance. Live-only events carry no ``id:`` line (nothing to resume)."""
@@ -306,13 +316,35 @@ class Delivery:
         return cls(id, seq, type, user_id, session_id, broadcast, envelope, sse.chunk(frame))
 
 
+SkipHook = Callable[["Event", Exception], None]
+
+
+def sendable(events: Iterable[Event], on_skip: SkipHook | None = None) -> list[Delivery]:
+    """The deliveries of ``events``, skipping (logged, and reported to ``on_skip``) any that cannot
+    be framed, e.g. a row stored by an older version: one bad event never stops the others."""
+    out = []
+    for e in events:
+        try:
+            out.append(e.delivery())
+        except Exception as exc:
+            log.error("event %s of type %r cannot be sent; skipped: %s", e.wire_id, e.type, exc)
+            if on_skip is not None:
+                on_skip(e, exc)
+    return out
+
+
 # --- parsing what a publisher sent --------------------------------------------------------------
 
 _PUBLISH_FIELDS = {"type", "data", "user_id", "session_id", "broadcast", "task_id", "sensitive", "persist"}
 
 
-def parse_publish(raw: Any, *, max_event_bytes: int, index: int | None = None) -> Event:
-    """Check one published event (a decoded JSON object) and build the :class:`Event`."""
+def parse_publish(
+    raw: Any, *, max_event_bytes: int, index: int | None = None, max_depth: int = MAX_DATA_DEPTH
+) -> Event:
+    """Check one published event (a decoded JSON object) and build the :class:`Event`.
+
+    What this accepts can always be stored and sent: its frame is built once here, before the
+    event is committed."""
     at = "" if index is None else f"events[{index}]."
     if not isinstance(raw, dict):
         raise ValidationFailed("must be a JSON object", field=(at[:-1] or "body"))
@@ -323,6 +355,7 @@ def parse_publish(raw: Any, *, max_event_bytes: int, index: int | None = None) -
     data = raw.get("data", {})
     if not isinstance(data, dict):
         raise ValidationFailed("must be a JSON object", field=at + "data")
+    _check_depth(data, max_depth, at + "data")
     check_data(type_, data, where=at + "data")
 
     user_id = _opt_id(raw, "user_id", at)
@@ -370,9 +403,12 @@ def parse_publish(raw: Any, *, max_event_bytes: int, index: int | None = None) -
     if size > max_event_bytes:
         raise PayloadTooLarge(f"{at}data is {size} bytes encoded; the limit is {max_event_bytes}")
 
-    event_task = data.get("task_id") if isinstance(data.get("task_id"), str) else None
-    novel_id = data.get("novel_id") if isinstance(data.get("novel_id"), str) else None
-    return Event(
+    # Copied into the envelope and stored in their own columns: held to the id rule when present.
+    event_task, novel_id = (
+        optional_text_id(v, f"{at}data.{k}") if isinstance(v := data.get(k), str) else None
+        for k in ("task_id", "novel_id")
+    )
+    event = Event(
         type_,
         data_json,
         user_id=user_id,
@@ -389,17 +425,32 @@ def parse_publish(raw: Any, *, max_event_bytes: int, index: int | None = None) -
         ),
         sensitive=sensitive,
     )
+    try:  # what is stored must be sendable: its frame's parts are made and checked before the commit
+        sse.check_field(type_, "event name")
+        event.envelope_tail().encode("utf-8")
+    except ValueError as exc:  # UnicodeEncodeError included
+        raise ValidationFailed(f"cannot be sent: {exc}", field=at.rstrip(".") or "body") from None
+    return event
 
 
 def _opt_id(raw: Mapping[str, Any], name: str, at: str) -> str | None:
-    value = raw.get(name)
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _ID_VALUE.match(value):
-        raise ValidationFailed(
-            "must be a non-empty string of printable characters (at most 200)", field=at + name
-        )
-    return value
+    return optional_text_id(raw.get(name), at + name)
+
+
+def _check_depth(data: Any, limit: int, field: str) -> None:
+    """Refuse data nested deeper than ``limit`` (iteratively: no recursion to exhaust)."""
+    level: list[Any] = [data]
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            raise ValidationFailed(f"nests deeper than {limit} levels", field=field)
+        level = [
+            child
+            for value in level
+            for child in (value.values() if isinstance(value, dict) else value)
+            if isinstance(child, dict | list)
+        ]
 
 
 # --- type filters (the stream's and the poll's ``types=``) --------------------------------------
@@ -418,14 +469,16 @@ class TypeFilter:
         self._cache: dict[str, bool] = {}
 
     @classmethod
-    def parse(cls, text: str | None) -> TypeFilter | None:
-        if text is None or not text.strip():
+    def parse(cls, text: str | None, *, max_globs: int = MAX_TYPE_GLOBS) -> TypeFilter | None:
+        if text is None or not text.strip(" "):
             return None
-        patterns = [p.strip() for p in text.split(",") if p.strip()]
+        patterns = list(dict.fromkeys(p.strip(" ") for p in text.split(",") if p.strip(" ")))
+        if len(patterns) > max_globs:
+            raise ValidationFailed(f"names {len(patterns)} globs; at most {max_globs}", field="types")
         for p in patterns:
-            if not _TYPE_GLOB.match(p):
+            if not TYPE_GLOB.fullmatch(p):
                 raise ValidationFailed(
-                    f"'{p}' is not a type or glob of letters, digits, '.', '-', '_', '*'", field="types"
+                    f"{p!r} is not a type or glob of letters, digits, '.', '-', '_', '*'", field="types"
                 )
         return cls(patterns)
 

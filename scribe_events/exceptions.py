@@ -7,13 +7,21 @@
     │   └── InvalidToken               401 invalid_token       (bad, expired, wrong aud/iss, bad ticket)
     ├── Forbidden                      403 forbidden
     ├── NotFound                       404 not_found
+    ├── RequestTimeout                 408 request_timeout
     ├── Conflict                       409 conflict
     ├── PayloadTooLarge                413 payload_too_large
     ├── ValidationFailed               422 validation_error    (names the field)
+    │   └── StoreRejected              422 store_rejected      (the store refused these rows: a retry
+    │                                                            cannot help; other rows are unaffected)
     ├── RateLimited                    429 rate_limited        (carries Retry-After)
-    └── StoreUnavailable               503 store_unavailable   (the publisher must retry)
+    └── ServiceUnavailable             503 unavailable         (retry later; carries Retry-After)
+        ├── StoreUnavailable           503 store_unavailable   (the store cannot be reached: retry)
+        ├── BrokerUnavailable          503 broker_unavailable  (Redis cannot be reached)
+        ├── ShuttingDown               503 shutting_down
+        └── NotReady                   503 not_ready           (starting, or not accepting events)
 
-Third-party errors are mapped at the boundary with ``raise ... from exc``.
+Control flow branches on these classes, never on a code string. Third-party errors are mapped at
+the boundary with ``raise ... from exc``.
 """
 
 from __future__ import annotations
@@ -70,6 +78,11 @@ class NotFound(ScribeEventsError):
     code = "not_found"
 
 
+class RequestTimeout(ScribeEventsError):
+    status = 408
+    code = "request_timeout"
+
+
 class Conflict(ScribeEventsError):
     status = 409
     code = "conflict"
@@ -89,21 +102,44 @@ class ValidationFailed(ScribeEventsError):
         self.field = field
 
 
+class StoreRejected(ValidationFailed):
+    """The store refused a row (a constraint, a value it cannot hold). Retrying the same rows cannot
+    succeed, so the publisher isolates them: the other jobs of the batch are stored."""
+
+    code = "store_rejected"
+
+
 class RateLimited(ScribeEventsError):
     status = 429
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
 
 
-class StoreUnavailable(ScribeEventsError):
+class ServiceUnavailable(ScribeEventsError):
     status = 503
-    code = "store_unavailable"
+    code = "unavailable"
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class StoreUnavailable(ServiceUnavailable):
+    code = "store_unavailable"
+
+
+class BrokerUnavailable(ServiceUnavailable):
+    code = "broker_unavailable"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+class NotReady(ServiceUnavailable):
+    code = "not_ready"

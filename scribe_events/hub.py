@@ -48,8 +48,11 @@ class Connection:
         "buffer_size",
         "closed_reason",
         "connected_at",
+        "expires_at",
         "id",
+        "is_admin",
         "last_seq",
+        "live_from",
         "pending",
         "remote",
         "session_id",
@@ -71,6 +74,8 @@ class Connection:
         remote: str = "",
         user_agent: str = "",
         replaying: bool = False,
+        expires_at: float | None = None,
+        is_admin: bool = False,
     ) -> None:
         self.id = id
         self.user_id = user_id
@@ -83,18 +88,33 @@ class Connection:
         # The newest stored event written to this stream: a live delivery at or below it is a
         # duplicate (an outbox re-publish, or the replay seam) and is skipped.
         self.last_seq = 0
+        # The newest stored event dispatched when the stream was registered: what came after it is
+        # owed live (and recorded as failed if the stream is cut before it got it); what came
+        # before it is a backlog the client asked to replay.
+        self.live_from = 0
         # While the socket has a backlog: the last stored event written before it began (-1: none).
         self.backlog_from = -1
         self.connected_at = time.time()
         self.remote = remote
         self.user_agent = user_agent
         self.closed_reason: str | None = None
+        self.expires_at = expires_at  # the token's exp (epoch seconds): the stream ends then
+        self.is_admin = is_admin
+
+    @property
+    def ip(self) -> str:
+        return remote_ip(self.remote)
 
     @property
     def flushed_seq(self) -> int:
         """The last stored event known to have left the write buffer. If the connection is cut,
         the events after it are the ones recorded as failed deliveries."""
         return self.backlog_from if self.backlog_from >= 0 else self.last_seq
+
+
+def remote_ip(remote: str) -> str:
+    """The address part of ``host:port`` (IPv6 addresses hold colons themselves)."""
+    return remote.rsplit(":", 1)[0] if remote else ""
 
 
 FailureHook = Callable[[Connection, str], None]
@@ -110,6 +130,7 @@ class Hub:
         self.connections: dict[str, Connection] = {}
         self._by_user: dict[str, set[Connection]] = {}
         self._by_session: dict[tuple[str, str], set[Connection]] = {}
+        self._per_ip: dict[str, int] = {}
         self.on_cut: list[FailureHook] = []
         self.on_add: list[Callable[[Connection], None]] = []
         self.on_remove: list[Callable[[Connection], None]] = []
@@ -124,7 +145,10 @@ class Hub:
     def add(self, conn: Connection, *, from_seq: int | None = None) -> None:
         """Register a connection; ``from_seq`` is where a resuming one replays from."""
         conn.last_seq = self.last_seq if from_seq is None else from_seq
+        conn.live_from = self.last_seq
         self.connections[conn.id] = conn
+        ip = conn.ip
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         for hook in self.on_add:
             hook(conn)
         self._by_user.setdefault(conn.user_id, set()).add(conn)
@@ -148,6 +172,12 @@ class Hub:
         _discard(self._by_user, conn.user_id, conn)
         if conn.session_id is not None:
             _discard(self._by_session, (conn.user_id, conn.session_id), conn)
+        ip = conn.ip
+        left = self._per_ip.get(ip, 1) - 1
+        if left > 0:
+            self._per_ip[ip] = left
+        else:
+            self._per_ip.pop(ip, None)
         log.info(
             "connection %s closed user=%s reason=%s age=%.1fs",
             conn.id,
@@ -165,10 +195,21 @@ class Hub:
     def of_user(self, user_id: str) -> list[Connection]:
         return list(self._by_user.get(user_id, EMPTY))
 
+    def count_user(self, user_id: str) -> int:
+        return len(self._by_user.get(user_id, EMPTY))
+
+    def count_ip(self, ip: str) -> int:
+        return self._per_ip.get(ip, 0)
+
     # -- the hot path ----------------------------------------------------------------------------
 
     def dispatch(self, deliveries: Iterable[Delivery]) -> None:
-        """Write each delivery to every local connection that should receive it."""
+        """Write each delivery to every local connection that should receive it.
+
+        Never raises for one connection's sake: whatever goes wrong with one (a write error, a
+        full buffer, a bug) is noted and that connection is cut *after* the loop, so the indexes
+        are never changed while they are being iterated and the rest of the batch goes out.
+        """
         limit = self.max_buffer
         troubled: list[tuple[Connection, str]] | None = None
         delivered = 0
@@ -183,19 +224,22 @@ class Hub:
             type_ = d.type
             seq = d.seq
             for c in targets:
-                if c.types is not None and not c.types(type_):
-                    continue
-                if c.pending is not None:
-                    c.pending.append(d)
-                    if type_ == URGENT_TYPE:  # never delayed behind a replay
-                        self.write_direct(c, (d.overtaking_chunk(),))
-                    if len(c.pending) > MAX_PENDING:
-                        troubled = troubled or []
-                        troubled.append((c, "slow_client"))
-                    continue
-                if seq is not None and seq <= c.last_seq:
-                    continue  # already sent (relayed again, or covered by its replay)
                 try:
+                    if c.types is not None and not c.types(type_):
+                        continue
+                    if c.pending is not None:
+                        c.pending.append(d)
+                        problem = None
+                        if type_ == URGENT_TYPE:  # never delayed behind a replay
+                            problem = self._write(c, (d.overtaking_chunk(),))
+                        if problem is None and len(c.pending) > MAX_PENDING:
+                            problem = "slow_client"
+                        if problem is not None:
+                            troubled = troubled or []
+                            troubled.append((c, problem))
+                        continue
+                    if seq is not None and seq <= c.last_seq:
+                        continue  # already sent (relayed again, or covered by its replay)
                     c.write(chunk)
                     if c.buffer_size():
                         if c.backlog_from < 0:
@@ -207,7 +251,7 @@ class Hub:
                         c.backlog_from = -1
                     if seq is not None:
                         c.last_seq = seq
-                except Exception:  # a transport that is already closing
+                except Exception:  # a transport that is already closing, or worse
                     troubled = troubled or []
                     troubled.append((c, "write_error"))
                     continue
@@ -216,8 +260,15 @@ class Hub:
                 self.last_seq = seq
         self.delivered += delivered
         if troubled:
-            for c, reason in troubled:
+            self._cut_all(troubled)
+
+    def _cut_all(self, troubled: Iterable[tuple[Connection, str]]) -> None:
+        for c, reason in troubled:
+            try:
                 self.cut(c, reason)
+            except Exception:  # one connection's hooks must not spare the others
+                log.exception("cutting connection %s failed", c.id)
+                self.connections.pop(c.id, None)
 
     def cut(self, conn: Connection, reason: str) -> None:
         """Drop a connection now: buffered bytes are discarded, the client resumes from its last id."""
@@ -240,26 +291,30 @@ class Hub:
         self.remove(conn, reason)
         conn.sink.abort()
 
-    def write_direct(self, conn: Connection, chunks: Iterable[bytes], seq: int | None = None) -> bool:
-        """Write chunks to one connection outside :meth:`dispatch` (greeting, replay, heartbeat).
-
-        ``seq`` is the newest stored event among them. Returns False if the connection was cut.
-        """
+    def _write(self, conn: Connection, chunks: Iterable[bytes], seq: int | None = None) -> str | None:
+        """Write chunks to one connection; the reason it must be cut, or None. Changes no index."""
         try:
             for chunk in chunks:
                 conn.write(chunk)
+            size = conn.buffer_size()
         except Exception:
-            self.cut(conn, "write_error")
-            return False
-        size = conn.buffer_size()
+            return "write_error"
         if size and conn.backlog_from < 0:
             conn.backlog_from = conn.last_seq
         elif not size:
             conn.backlog_from = -1
         if seq is not None:
             conn.last_seq = max(conn.last_seq, seq)
-        if size > self.max_buffer:
-            self.cut(conn, "slow_client")
+        return "slow_client" if size > self.max_buffer else None
+
+    def write_direct(self, conn: Connection, chunks: Iterable[bytes], seq: int | None = None) -> bool:
+        """Write chunks to one connection outside :meth:`dispatch` (greeting, replay, heartbeat).
+
+        ``seq`` is the newest stored event among them. Returns False if the connection was cut.
+        """
+        problem = self._write(conn, chunks, seq)
+        if problem is not None:
+            self._cut_all([(conn, problem)])
             return False
         return True
 
@@ -301,12 +356,28 @@ class Hub:
             self.heartbeat()
 
     def heartbeat(self) -> None:
-        """One shared tick: the same heartbeat chunk goes to every live connection."""
+        """One shared tick: the same heartbeat chunk goes to every live connection; streams whose
+        token has expired end (their clients resume with a fresh ticket and miss nothing)."""
         chunk = sse.chunk(sse.frame(dumps({"server_time": rfc3339(now_ms())}), event="heartbeat"))
-        live = [c for c in self.connections.values() if c.pending is None]
-        for c in live:
-            if c.id in self.connections:
-                self.write_direct(c, (chunk,))
+        now = time.time()
+        expired, troubled = [], []
+        for c in self.connections.values():
+            if c.expires_at is not None and c.expires_at <= now:
+                expired.append(c)
+            elif c.pending is None and (problem := self._write(c, (chunk,))) is not None:
+                troubled.append((c, problem))
+        self._cut_all(troubled)
+        for c in expired:
+            self.end(c, "token_expired")
+
+    def end(self, conn: Connection, reason: str) -> None:
+        """End a stream cleanly: the chunked body's end, then close (unsent bytes still go out)."""
+        conn.closed_reason = reason
+        with contextlib.suppress(Exception):
+            conn.write(sse.CHUNK_END)
+        with contextlib.suppress(Exception):
+            conn.sink.close()
+        self.remove(conn, reason)
 
     async def close(self) -> None:
         """Graceful end: stop the heartbeat, finish every stream's chunked body, close the sockets."""
@@ -314,11 +385,7 @@ class Hub:
         await cancel(self._heartbeat)
         self._heartbeat = None
         for conn in list(self.connections.values()):
-            conn.closed_reason = "shutdown"
-            with contextlib.suppress(Exception):
-                conn.write(sse.CHUNK_END)
-            conn.sink.close()
-            self.remove(conn, "shutdown")
+            self.end(conn, "shutdown")
 
 
 def _discard(index: dict[Any, set[Connection]], key: Any, conn: Connection) -> None:

@@ -27,6 +27,10 @@ FAILED_RECORDED = "scribe_events_failed_deliveries_recorded"
 BROKER_UP = "scribe_events_broker_up"
 BROKER_RECONNECTS = "scribe_events_broker_reconnects"
 OUTBOX_BEHIND = "scribe_events_outbox_behind"
+UNSENDABLE = "scribe_events_events_unsendable"
+UNREADABLE = "scribe_events_events_unreadable"
+FAILURES_GIVEN_UP = "scribe_events_failed_deliveries_given_up"
+BROKER_FOREIGN = "scribe_events_broker_foreign_messages"
 
 
 class RuntimeCollector:
@@ -62,6 +66,22 @@ class RuntimeCollector:
             BROKER_RECONNECTS, "Times the Redis subscription came back.", getattr(rt.broker, "reconnects", 0)
         )
         yield gauge(OUTBOX_BEHIND, "1 while stored events wait for the broker.", float(rt.publisher.behind))
+        yield counter(UNSENDABLE, "Events skipped because they cannot be framed.", rt.recorder.unsendable)
+        yield counter(
+            UNREADABLE,
+            "Stored events skipped because they cannot be read (e.g. a removed encryption key).",
+            getattr(rt.store, "unreadable", 0),
+        )
+        yield counter(
+            FAILURES_GIVEN_UP,
+            "Cut connections whose failed deliveries could not be recorded.",
+            rt.recorder.given_up,
+        )
+        yield counter(
+            BROKER_FOREIGN,
+            "Broker messages from another deployment sharing Redis, ignored.",
+            rt.broker.foreign,
+        )
 
 
 def render(registry: CollectorRegistry) -> bytes:

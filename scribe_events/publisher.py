@@ -26,14 +26,22 @@ from typing import Any
 
 from scribe_events.broker import Broker
 from scribe_events.events import Event
-from scribe_events.exceptions import StoreUnavailable
+from scribe_events.exceptions import (
+    BrokerUnavailable,
+    NotReady,
+    ServiceUnavailable,
+    ShuttingDown,
+    StoreRejected,
+    StoreUnavailable,
+)
 from scribe_events.store import EventStore, IdempotencyRecord
-from scribe_events.tasks import spawn
+from scribe_events.tasks import cancel, spawn
 
 log = logging.getLogger("scribe_events.publisher")
 
 WATERMARK = "published_through"
 RELAY_PAGE = 1000
+CLOSE_TIMEOUT_S = 30.0  # finishing accepted events at shutdown; then they are answered 503
 
 
 @dataclass(slots=True)
@@ -42,6 +50,7 @@ class _Job:
     claim: IdempotencyRecord | None
     future: asyncio.Future[list[str]]
     require_live: bool = False  # fail the job if its live-only events could not be sent
+    size: int = 0  # bytes of event data, counted against the queue's byte bound
 
 
 class Publisher:
@@ -52,6 +61,7 @@ class Publisher:
         *,
         queue_max: int,
         batch_max: int,
+        queue_bytes: int = 64 * 1024 * 1024,
         flush_every_s: float = 1.0,
         faults: frozenset[str] = frozenset(),
     ) -> None:
@@ -61,6 +71,8 @@ class Publisher:
         self.flush_every_s = flush_every_s
         self.faults = faults
         self._queue: asyncio.Queue[_Job | None] = asyncio.Queue(maxsize=queue_max)
+        self.queue_bytes = queue_bytes
+        self._queued_bytes = 0
         self._task: asyncio.Task[None] | None = None
         self.published_through = 0
         self._saved_through = 0
@@ -84,10 +96,18 @@ class Publisher:
             return
         task, self._task = self._task, None
         await self._queue.put(None)
-        await task
+        try:
+            await asyncio.wait_for(asyncio.shield(task), CLOSE_TIMEOUT_S)
+        except TimeoutError:
+            log.error("publishing did not finish within %.0f s; answering what is left 503", CLOSE_TIMEOUT_S)
+            await cancel(task)
+            while not self._queue.empty():
+                job = self._queue.get_nowait()
+                if job is not None:
+                    settle(job.future, exc=ShuttingDown("the server stopped before storing this; retry"))
         try:
             await self._save_watermark()
-        except StoreUnavailable as exc:
+        except ServiceUnavailable as exc:
             log.warning("could not save the outbox watermark: %s (the relay will redo it)", exc)
 
     async def submit(
@@ -98,12 +118,16 @@ class Publisher:
         With ``require_live``, live-only events that could not be handed to the broker fail the call.
         """
         if self._task is None:
-            raise StoreUnavailable("the service is not accepting events", code="not_ready")
-        job = _Job(events, claim, asyncio.get_running_loop().create_future(), require_live)
+            raise NotReady("the service is not accepting events")
+        size = sum(len(e.data_json) for e in events)
+        if self._queued_bytes + size > self.queue_bytes:
+            raise StoreUnavailable("too many event bytes are waiting to be stored; retry shortly")
+        job = _Job(events, claim, asyncio.get_running_loop().create_future(), require_live, size)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             raise StoreUnavailable("too many events are waiting to be stored; retry shortly") from None
+        self._queued_bytes += size
         # Shielded: a publisher that hangs up does not cancel work that was accepted.
         return await asyncio.shield(job.future)
 
@@ -127,6 +151,7 @@ class Publisher:
                     break
                 jobs.append(job)
                 size += len(job.events)
+            self._queued_bytes -= sum(job.size for job in jobs)
             try:
                 await self._commit(jobs)
             except Exception as exc:  # a bug must not stop publishing for good
@@ -167,7 +192,7 @@ class Publisher:
         events = [e for job in jobs for e in job.events]
         important = [e for e in events if e.persist]
         claims = [(job.claim, job.events) for job in jobs if job.claim is not None]
-        refused: StoreUnavailable | None = None
+        refused: ServiceUnavailable | StoreRejected | None = None
         committed = False
         live_sent = True
         try:
@@ -177,7 +202,7 @@ class Publisher:
                 try:
                     if important or claims:
                         await self.store.append(important, claims)
-                except StoreUnavailable as exc:
+                except (ServiceUnavailable, StoreRejected) as exc:
                     refused = exc
                 else:
                     committed = True
@@ -189,13 +214,13 @@ class Publisher:
                     live_sent = await self._publish(events)
                     if self.broker.shared:
                         await self._quietly(self._save_watermark())
-        except StoreUnavailable as exc:  # taking or releasing the publish lock
+        except ServiceUnavailable as exc:  # taking or releasing the publish lock
             if committed:
                 log.warning("the publish lock failed after COMMIT: %s", exc)
             else:
                 refused = refused or exc
         if refused is not None:
-            if len(jobs) > 1 and refused.code == "store_rejected":  # one bad job must not fail the others
+            if len(jobs) > 1 and isinstance(refused, StoreRejected):  # one bad job must not fail the others
                 for job in jobs:
                     await self._commit([job])
                 return
@@ -207,12 +232,7 @@ class Publisher:
             await self._quietly(self._save_watermark())
         for job in jobs:
             if job.require_live and not live_sent:
-                settle(
-                    job.future,
-                    exc=StoreUnavailable(
-                        "the broker is unavailable; nothing was sent", code="broker_unavailable"
-                    ),
-                )
+                settle(job.future, exc=BrokerUnavailable("the broker is unavailable; nothing was sent"))
             else:
                 settle(job.future, result=[e.wire_id for e in job.events])
 
@@ -260,14 +280,16 @@ class Publisher:
         while self.behind:
             if not await self.broker.ready():
                 return  # stored events wait; the relay tries again once the broker is back
-            pending = await self.store.read_all(after=self.published_through, limit=RELAY_PAGE)
-            if not pending:
+            page = await self.store.read_all(after=self.published_through, limit=RELAY_PAGE)
+            if page:
+                log.info("relaying %d stored event(s) after id %d", len(page), self.published_through)
+                if not await self._to_broker(page):
+                    return  # the broker is still failing
+            # Past what was scanned, also rows that could not be read (skipped, counted by the store).
+            self.published_through = max(self.published_through, page.through)
+            if not page.full:
                 self.behind = False
                 return
-            log.info("relaying %d stored event(s) after id %d", len(pending), self.published_through)
-            await self._to_broker(pending)
-            if self.behind and self.published_through < pending[-1].id:  # type: ignore[operator]
-                return  # the broker is still failing
 
     async def _save_watermark(self) -> None:
         self._saved_at = self._loop_time()

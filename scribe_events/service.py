@@ -16,13 +16,16 @@ from scribe_events.config import Settings
 from scribe_events.control import Control
 from scribe_events.events import Event, TypeFilter, dumps, now_ms, rfc3339
 from scribe_events.exceptions import BadRequest, Conflict, ValidationFailed
+from scribe_events.failures import UNSENDABLE
 from scribe_events.publisher import Publisher, settle
+from scribe_events.registry import Registry
 from scribe_events.state import SharedState
 from scribe_events.store import EventStore, FailedDelivery, IdempotencyRecord
 from scribe_events.store.retention import cutoff_for
 
 log = logging.getLogger("scribe_events.service")
 
+MAX_ID = 2**63 - 1  # the store's ids are signed 64-bit integers
 IDEMPOTENCY_WAIT_STEPS = 200  # x 50 ms: how long a retry waits for another instance storing it
 
 
@@ -42,6 +45,7 @@ class EventService:
     publisher: Publisher
     state: SharedState
     control: Control
+    registry: Registry
     _inflight: dict[tuple[str, str], tuple[str, asyncio.Future[list[str]]]] = field(default_factory=dict)
 
     async def publish(
@@ -138,12 +142,12 @@ class EventService:
             after=after_id, user_id=principal.user_id, session_id=session_id, limit=limit, types=types
         )
         body["events"] = [_Raw(e.envelope()) for e in found]
-        if len(found) == limit:
-            body["last_id"] = found[-1].wire_id
+        if found.full:
+            body["last_id"] = str(found.through)
         else:
             # Everything up to the head read before the query is visible now: skip past what this
             # user cannot see, but never past an event the query returned.
-            body["last_id"] = str(max(head, after_id, (found[-1].id or 0) if found else 0))
+            body["last_id"] = str(max(head, after_id, found.through))
         return body
 
     async def failed(
@@ -167,21 +171,40 @@ class EventService:
         since_ms: int | None = None,
         dry_run: bool = False,
         limit: int = 1000,
-    ) -> list[FailedDelivery]:
+    ) -> tuple[list[FailedDelivery], list[tuple[FailedDelivery, str]]]:
         """Send failed deliveries again to the connections of their user (and session).
 
         A resent event keeps its envelope id but has no ``id:`` line (clients de-duplicate by
-        envelope id). Returns what was (or, with ``dry_run``, would be) resent.
+        envelope id). Only a failure whose user (and session) has a live connection somewhere is
+        sent and marked resent; the others stay as they are. Returns what was (or, with
+        ``dry_run``, would be) resent, and what was not, each with why.
         """
         failures = await self.failed(event_ids=event_ids, user_id=user_id, since_ms=since_ms, limit=limit)
-        if dry_run or not failures:
-            return failures
-        stored = {e.id: e for e in await self.store.read_ids(sorted({f.event_id for f in failures}))}
-        again, done = [], []
+        if not failures:
+            return [], []
+        skipped: list[tuple[FailedDelivery, str]] = []
+        live: dict[tuple[str, str | None], bool] = {}
+        candidates = []
         for f in failures:
+            if f.reason == UNSENDABLE:
+                skipped.append((f, "the event cannot be sent (it cannot be framed)"))
+                continue
+            key = (f.user_id, f.session_id)
+            if key not in live:
+                live[key] = bool(await self.registry.list(user_id=f.user_id, session_id=f.session_id))
+            if not live[key]:
+                skipped.append((f, "no live connection of this user and session"))
+                continue
+            candidates.append(f)
+        if dry_run or not candidates:
+            return candidates, skipped
+        stored = {e.id: e for e in await self.store.read_ids(sorted({f.event_id for f in candidates}))}
+        again, done = [], []
+        for f in candidates:
             original = stored.get(f.event_id)
             if original is None:
-                continue  # purged meanwhile
+                skipped.append((f, "the event is no longer stored (purged, or unreadable)"))
+                continue
             copy = Event(
                 original.type,
                 original.data_json,
@@ -199,7 +222,7 @@ class EventService:
         if again:
             await self.publisher.submit(again, require_live=True)
             await self.store.mark_resent([f.id for f in done if f.id is not None], now_ms())
-        return done
+        return done, skipped
 
     async def purge(self, older_than_days: float, *, dry_run: bool = False) -> dict[str, Any]:
         cutoff = cutoff_for(older_than_days, now_ms())
@@ -244,7 +267,8 @@ def parse_id(text: str) -> int | None:
     """A stored event id, or None if ``text`` is not one (``"12"`` yes; ``"012"``, ``"x"`` no)."""
     if not text.isascii() or not text.isdigit() or len(text) > 19 or (len(text) > 1 and text[0] == "0"):
         return None
-    return int(text)
+    value = int(text)
+    return value if value <= MAX_ID else None
 
 
 def request_fingerprint(body: bytes) -> str:

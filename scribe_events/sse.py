@@ -19,18 +19,23 @@ _FORBIDDEN_IN_FIELD = re.compile(r"[\r\n\x00]")
 CHUNK_END = b"0\r\n\r\n"
 
 
+def check_field(value: str, name: str) -> None:
+    """Refuse a field value that could end a line (``id`` and ``event`` are one line each)."""
+    if _FORBIDDEN_IN_FIELD.search(value):
+        raise ValueError(f"an SSE {name} may not contain CR, LF or NUL")
+
+
 def frame(data: str, *, event: str | None = None, id: str | None = None, retry: int | None = None) -> bytes:
-    """Encode one SSE frame as UTF-8 bytes."""
+    """Encode one SSE frame as UTF-8 bytes (ValueError for what cannot be framed: CR, LF or NUL
+    in ``id`` or ``event``, or text UTF-8 cannot carry, such as a lone surrogate)."""
     parts: list[str] = []
     if retry is not None:
         parts.append(f"retry: {int(retry)}\n")
     if id is not None:
-        if _FORBIDDEN_IN_FIELD.search(id):
-            raise ValueError("an SSE id may not contain CR, LF or NUL")
+        check_field(id, "id")
         parts.append(f"id: {id}\n")
     if event is not None:
-        if _FORBIDDEN_IN_FIELD.search(event):
-            raise ValueError("an SSE event name may not contain CR, LF or NUL")
+        check_field(event, "event name")
         parts.append(f"event: {event}\n")
     if "\n" in data or "\r" in data:
         parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(data))

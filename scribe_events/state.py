@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 
 from scribe_events.auth import Principal
 from scribe_events.constants import RedisKeys
-from scribe_events.exceptions import InvalidToken, RateLimited, StoreUnavailable
+from scribe_events.exceptions import BrokerUnavailable, InvalidToken, RateLimited
 
 MAX_TICKETS = 100_000
 IDEMPOTENCY_CLAIM_S = 60
@@ -50,7 +50,8 @@ class SharedState(abc.ABC):
         return True
 
     @abc.abstractmethod
-    async def issue_ticket(self, principal: Principal, ttl_s: int) -> str: ...
+    async def issue_ticket(self, principal: Principal, ttl_s: int, *, per_user: int = 100) -> str:
+        """A single-use ticket for ``principal``; 429 when the user holds ``per_user`` unredeemed."""
 
     @abc.abstractmethod
     async def redeem_ticket(self, ticket: str) -> Principal:
@@ -82,25 +83,42 @@ class SharedState(abc.ABC):
 class MemoryState(SharedState):
     def __init__(self) -> None:
         self._tickets: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
+        self._tickets_of: dict[str, int] = {}  # unredeemed tickets per user
         self._push = PushModeState()
         self._bans: dict[str, Ban] = {}
         self._claims: set[tuple[str, str]] = set()
 
-    async def issue_ticket(self, principal: Principal, ttl_s: int) -> str:
+    async def issue_ticket(self, principal: Principal, ttl_s: int, *, per_user: int = 100) -> str:
         now = time.monotonic()
-        while self._tickets:
+        while self._tickets:  # they expire in the order they were issued (one ttl for all)
             oldest, (expires, _) = next(iter(self._tickets.items()))
             if expires >= now:
                 break
-            del self._tickets[oldest]
+            self._forget(oldest)
+        if self._tickets_of.get(principal.user_id, 0) >= per_user:
+            raise RateLimited(
+                f"this user holds {per_user} unused tickets", retry_after_s=ttl_s, code="too_many_tickets"
+            )
         if len(self._tickets) >= MAX_TICKETS:
-            raise RateLimited("too many outstanding tickets", retry_after_s=ttl_s)
+            raise RateLimited("too many outstanding tickets", retry_after_s=ttl_s, code="too_many_tickets")
         ticket = secrets.token_urlsafe(32)
         self._tickets[ticket] = (now + ttl_s, principal)
+        self._tickets_of[principal.user_id] = self._tickets_of.get(principal.user_id, 0) + 1
         return ticket
 
-    async def redeem_ticket(self, ticket: str) -> Principal:
+    def _forget(self, ticket: str) -> tuple[float, Principal] | None:
         entry = self._tickets.pop(ticket, None)
+        if entry is not None:
+            user = entry[1].user_id
+            left = self._tickets_of.get(user, 1) - 1
+            if left > 0:
+                self._tickets_of[user] = left
+            else:
+                self._tickets_of.pop(user, None)
+        return entry
+
+    async def redeem_ticket(self, ticket: str) -> Principal:
+        entry = self._forget(ticket)
         if entry is None or entry[0] < time.monotonic():
             raise InvalidToken("the ticket is unknown, expired or already used")
         return entry[1]
@@ -131,7 +149,7 @@ class MemoryState(SharedState):
 
 
 def _principal_json(p: Principal) -> str:
-    return json.dumps({"sub": p.user_id, "sid": p.session_id, "roles": sorted(p.roles)})
+    return json.dumps({"sub": p.user_id, "sid": p.session_id, "roles": sorted(p.roles), "exp": p.expires_at})
 
 
 class RedisState(SharedState):
@@ -143,7 +161,9 @@ class RedisState(SharedState):
         try:
             return await coro
         except (RedisError, OSError) as exc:
-            raise StoreUnavailable(f"Redis is unavailable ({what}): {exc}", code="redis_unavailable") from exc
+            raise BrokerUnavailable(
+                f"Redis is unavailable ({what}): {exc}", code="redis_unavailable"
+            ) from exc
 
     async def ping(self) -> bool:
         try:
@@ -151,7 +171,20 @@ class RedisState(SharedState):
         except (RedisError, OSError):
             return False
 
-    async def issue_ticket(self, principal: Principal, ttl_s: int) -> str:
+    async def issue_ticket(self, principal: Principal, ttl_s: int, *, per_user: int = 100) -> str:
+        # A per-user count of tickets issued in the last ttl (not decremented on redemption: a
+        # user may mint per_user tickets per ttl window).
+        counter = self.keys.tickets_of(principal.user_id)
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.set(counter, 0, ex=ttl_s, nx=True)
+            pipe.incr(counter)
+            _, issued = await self._call("ticket", pipe.execute())
+        if int(issued) > per_user:
+            raise RateLimited(
+                f"this user was issued {per_user} tickets in {ttl_s} s",
+                retry_after_s=ttl_s,
+                code="too_many_tickets",
+            )
         ticket = secrets.token_urlsafe(32)
         await self._call(
             "ticket", self.client.set(self.keys.ticket(ticket), _principal_json(principal), ex=ttl_s)
@@ -163,7 +196,7 @@ class RedisState(SharedState):
         if raw is None:
             raise InvalidToken("the ticket is unknown, expired or already used")
         data = json.loads(raw)
-        return Principal(data["sub"], data["sid"], frozenset(data["roles"]))
+        return Principal(data["sub"], data["sid"], frozenset(data["roles"]), data.get("exp"))
 
     async def load_push_mode(self) -> PushModeState:
         raw = await self._call("push mode", self.client.get(self.keys.push_mode))

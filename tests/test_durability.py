@@ -195,14 +195,24 @@ def test_slow_client_cut_off_is_recorded_and_can_be_resent(make_server: MakeServ
         assert {f["event_id"] for f in failed} <= set(ids)
         assert ids[-1] in {f["event_id"] for f in failed}  # the last one certainly never arrived
 
-        dry = httpx.post(
-            server.url + "/api/v1/admin/events/resend",
-            headers=_admin(server),
-            json={"user_id": "alice", "dry_run": True},
-        ).json()
-        assert dry["dry_run"] and len(dry["resent"]) == len(failed)
+        # Nobody to send them to: nothing is sent or marked resent, and the answer says why.
+        for dry_run in (True, False):
+            nobody = httpx.post(
+                server.url + "/api/v1/admin/events/resend",
+                headers=_admin(server),
+                json={"user_id": "alice", "dry_run": dry_run},
+            ).json()
+            assert nobody["resent"] == [] and len(nobody["not_resent"]) == len(failed)
+            assert {r["why"] for r in nobody["not_resent"]} == {"no live connection of this user and session"}
         with server.stream("alice") as again:
             again.read_count(1, event="connection.established")
+            wait_for(lambda: server.connections() == 1)
+            dry = httpx.post(
+                server.url + "/api/v1/admin/events/resend",
+                headers=_admin(server),
+                json={"user_id": "alice", "dry_run": True},
+            ).json()
+            assert dry["dry_run"] and len(dry["resent"]) == len(failed) and dry["not_resent"] == []
             done = httpx.post(
                 server.url + "/api/v1/admin/events/resend",
                 headers=_admin(server),
@@ -299,6 +309,9 @@ def test_cli_purge_and_resend_against_a_running_server(tmp_path: Path) -> None:
                 "VALUES (?, 'demo', 'c1', 'write_error', ?, 0)",
                 (event_id, int(time.time() * 1000)),
             )
+        demo = cli("token", "--user", "demo", cwd=tmp_path).stdout.strip()
+        listening = RawStream(server.port, "/api/v1/events/stream", {"Authorization": f"Bearer {demo}"})
+        listening.read_count(1, event="connection.established")
         table = cli("resend", "--user", "demo", "--dry-run", *url, cwd=tmp_path)
         assert table.returncode == 0, table.stderr
         assert "would resend (1)" in table.stdout and "write_error" in table.stdout
@@ -307,6 +320,7 @@ def test_cli_purge_and_resend_against_a_running_server(tmp_path: Path) -> None:
         nothing = cli("resend", "--user", "demo", "--json", *url, cwd=tmp_path)
         assert json.loads(nothing.stdout)["resent"] == []
         assert cli("resend", *url, cwd=tmp_path).returncode == 1
+        listening.close()
     finally:
         server.stop()
         server.close()

@@ -8,7 +8,7 @@ from scribe_events.broker.base import Broker, ControlHook, DeliverySink
 from scribe_events.broker.memory import MemoryBroker
 from scribe_events.config import Settings
 from scribe_events.constants import RedisKeys
-from scribe_events.store import EventStore
+from scribe_events.store import EventStore, Page
 
 __all__ = ["Broker", "ControlHook", "DeliverySink", "MemoryBroker", "make_broker"]
 
@@ -21,6 +21,7 @@ def make_broker(
     *,
     last_seq: int = 0,
     redis: aioredis.Redis | None = None,
+    origin: int = 0,
 ) -> Broker:
     """The in-process broker, or with ``SCRIBE_EVENTS_REDIS_URL`` the Redis one (on ``redis``, the
     instance's command pool)."""
@@ -29,9 +30,16 @@ def make_broker(
     assert redis is not None, "the Redis broker needs the instance's Redis client"
     from scribe_events.broker.redis import RedisBroker
 
-    async def catch_up(after: int) -> list:  # type: ignore[type-arg]
-        return [] if store is None else await store.read_all(after=after, limit=CATCH_UP_PAGE)
+    async def catch_up(after: int) -> Page:
+        if store is None:
+            return Page([], through=after, full=False)
+        return await store.read_all(after=after, limit=CATCH_UP_PAGE)
 
     return RedisBroker(
-        settings.redis_url, redis, RedisKeys(settings.redis_prefix), catch_up=catch_up, last_seq=last_seq
+        settings.redis_url,
+        redis,
+        RedisKeys(settings.redis_prefix),
+        catch_up=catch_up,
+        last_seq=last_seq,
+        origin=origin,
     )

@@ -11,7 +11,7 @@ import abc
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from scribe_events.events import Delivery, Event
+from scribe_events.events import Delivery, Event, SkipHook
 
 DeliverySink = Callable[[Sequence[Delivery]], None]
 ControlHook = Callable[[dict[str, Any]], Awaitable[None]]
@@ -26,6 +26,10 @@ class Broker(abc.ABC):
         self.on_control: ControlHook | None = None
         # Called after every (re)subscription: state changes may have been missed meanwhile.
         self.on_subscribed: Callable[[], Awaitable[None]] | None = None
+        # Told of every event that cannot be framed (skipped, so it never stops the others).
+        self.on_unsendable: SkipHook | None = None
+        # Messages from another deployment sharing the broker (ignored).
+        self.foreign = 0
 
     @abc.abstractmethod
     async def start(self, sink: DeliverySink) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from scribe_events.broker.base import Broker, DeliverySink
-from scribe_events.events import Event
+from scribe_events.events import Event, sendable
 
 
 class MemoryBroker(Broker):
@@ -20,7 +20,7 @@ class MemoryBroker(Broker):
 
     async def publish(self, events: Sequence[Event]) -> None:
         if self._sink is not None:
-            self._sink([e.delivery() for e in events])
+            self._sink(sendable(events, self.on_unsendable))
 
     async def close(self) -> None:
         self._sink = None

@@ -8,6 +8,11 @@ channels spread over a Redis Cluster, would let a broadcast overtake a user's ev
 an instance. The cost, that every instance decodes every event once, is measured in the benchmarks
 (README); at our scale it is small next to delivering them.
 
+Every message is tagged with the identity of the store it came from (see ``EventStore.identity``):
+two deployments that share one Redis with the same key prefix would otherwise take each other's
+events and ids for their own. A foreign message is ignored, counted and logged, and
+``/health/ready`` reports it.
+
 If the subscription drops (Redis restarts, the network blips), the instance keeps its streams fed
 from the store (it polls for stored events after the last one it dispatched, every 250 ms) while it
 re-subscribes with backoff; once subscribed again it catches up from the store the same way before
@@ -21,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -29,39 +35,60 @@ from redis.exceptions import RedisError
 
 from scribe_events.broker.base import Broker, DeliverySink
 from scribe_events.constants import RedisKeys
-from scribe_events.events import Delivery, Event
+from scribe_events.events import Delivery, Event, SkipHook, sendable
+from scribe_events.store import Page
 from scribe_events.tasks import cancel, spawn
 
 log = logging.getLogger("scribe_events.broker.redis")
 
-CatchUp = Callable[[int], Awaitable[list[Event]]]
+CatchUp = Callable[[int], Awaitable[Page]]
 
 _MAX_BACKOFF_S = 5.0
 STORE_POLL_S = 0.25  # while Redis is away
 
 
-def encode(events: Sequence[Event]) -> bytes:
-    """One message per batch: routing and the finished envelope of each event."""
-    return json.dumps(
-        [
-            [
-                e.wire_id,
-                None if e.resend else e.id,
-                e.type,
-                e.user_id,
-                e.session_id,
-                e.broadcast,
-                e.envelope(),
-            ]
-            for e in events
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    ).encode()
+FOREIGN_LOG_EVERY_S = 60.0
 
 
-def decode(payload: bytes) -> list[Delivery]:
-    return [Delivery.build(*row) for row in json.loads(payload)]
+def _row(e: Event) -> list[Any]:
+    return [e.wire_id, None if e.resend else e.id, e.type, e.user_id, e.session_id, e.broadcast, e.envelope()]
+
+
+def _dumps(rows: Any) -> bytes:
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode(events: Sequence[Event], origin: int = 0, on_skip: SkipHook | None = None) -> bytes:
+    """One message per batch, tagged with its store's identity: ``<origin>:<JSON rows>``, each row
+    the routing and the finished envelope of one event. An event that cannot be encoded is
+    skipped (and reported), never the whole batch."""
+    try:
+        body = _dumps([_row(e) for e in events])
+    except ValueError:
+        rows = []
+        for e in events:
+            try:
+                _dumps(row := _row(e))
+            except ValueError as exc:
+                log.error("event %s of type %r cannot be sent; skipped: %s", e.wire_id, e.type, exc)
+                if on_skip is not None:
+                    on_skip(e, exc)
+                continue
+            rows.append(row)
+        body = _dumps(rows)
+    return b"%d:%b" % (origin, body)
+
+
+def decode(payload: bytes) -> tuple[int, list[Delivery]]:
+    """The origin and the deliveries of a message; a row that cannot be framed is skipped."""
+    origin, _, body = payload.partition(b":")
+    deliveries = []
+    for row in json.loads(body):
+        try:
+            deliveries.append(Delivery.build(*row))
+        except (TypeError, ValueError) as exc:
+            log.error("a broker message holds an event that cannot be sent; skipped: %s", exc)
+    return int(origin), deliveries
 
 
 class RedisBroker(Broker):
@@ -69,11 +96,21 @@ class RedisBroker(Broker):
     shared = True
 
     def __init__(
-        self, url: str, client: aioredis.Redis, keys: RedisKeys, *, catch_up: CatchUp, last_seq: int = 0
+        self,
+        url: str,
+        client: aioredis.Redis,
+        keys: RedisKeys,
+        *,
+        catch_up: CatchUp,
+        last_seq: int = 0,
+        origin: int = 0,
     ) -> None:
         """``client`` is the instance's command pool (shared, closed by its owner); the
-        subscription gets a connection of its own, without a read timeout."""
+        subscription gets a connection of its own, without a read timeout. ``origin`` is the
+        store's identity, which tags every message."""
         super().__init__()
+        self.origin = origin
+        self._foreign_logged_at = -FOREIGN_LOG_EVERY_S
         self.keys = keys
         self.client = client
         self._listener_client = aioredis.from_url(url, socket_connect_timeout=2, health_check_interval=5)
@@ -94,10 +131,28 @@ class RedisBroker(Broker):
             log.error("Redis is not reachable; serving local connections and retrying")
 
     async def publish(self, events: Sequence[Event]) -> None:
-        await self.client.publish(self.keys.events, encode(events))
+        await self.client.publish(self.keys.events, encode(events, self.origin, self.on_unsendable))
 
     async def publish_control(self, message: dict[str, Any]) -> None:
-        await self.client.publish(self.keys.control, json.dumps(message))
+        await self.client.publish(self.keys.control, json.dumps({**message, "origin": self.origin}))
+
+    def _foreign(self, origin: Any) -> bool:
+        """True (counted, logged once a minute) for a message of another deployment."""
+        if origin == self.origin:
+            return False
+        self.foreign += 1
+        now = time.monotonic()
+        if now - self._foreign_logged_at >= FOREIGN_LOG_EVERY_S:
+            self._foreign_logged_at = now
+            log.error(
+                "ignoring broker messages from another deployment (store %s, ours %s) on the Redis prefix "
+                "%r: %d so far. Give each deployment its own SCRIBE_EVENTS_REDIS_PREFIX.",
+                origin,
+                self.origin,
+                self.keys.prefix,
+                self.foreign,
+            )
+        return True
 
     async def ready(self) -> bool:
         return self.up
@@ -161,20 +216,25 @@ class RedisBroker(Broker):
 
     async def _catch_up_from_store(self) -> None:
         while True:
-            events = await self._catch_up(self.last_seq)
-            if not events:
+            page = await self._catch_up(self.last_seq)
+            self._dispatch(sendable(page, self.on_unsendable))
+            self.last_seq = max(self.last_seq, page.through)  # unreadable rows included
+            if not page.full:
                 return
-            self._dispatch([e.delivery() for e in events])
 
     async def _on_message(self, message: dict[str, Any]) -> None:
         channel = message["channel"].decode()
-        if channel == self.keys.events:
-            self._dispatch(decode(message["data"]))
-        elif channel == self.keys.control and self.on_control is not None:
-            try:
-                await self.on_control(json.loads(message["data"]))
-            except Exception:
-                log.exception("a control message failed")
+        try:
+            if channel == self.keys.events:
+                origin, deliveries = decode(message["data"])
+                if not self._foreign(origin):
+                    self._dispatch(deliveries)
+            elif channel == self.keys.control and self.on_control is not None:
+                control = json.loads(message["data"])
+                if not self._foreign(control.pop("origin", None)):
+                    await self.on_control(control)
+        except Exception:  # one bad message must not cost the subscription
+            log.exception("a broker message on %r could not be handled; skipped", channel)
 
     def _dispatch(self, deliveries: list[Delivery]) -> None:
         fresh = []
@@ -185,4 +245,7 @@ class RedisBroker(Broker):
                 self.last_seq = d.seq
             fresh.append(d)
         if fresh and self._sink is not None:
-            self._sink(fresh)
+            try:
+                self._sink(fresh)
+            except Exception:  # the hub does not raise for a connection's sake; this is a bug
+                log.exception("dispatching %d event(s) failed", len(fresh))

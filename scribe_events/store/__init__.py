@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from scribe_events.config import Settings
-from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyRecord
+from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyRecord, Page
 
 if TYPE_CHECKING:
     from scribe_events.store.sql import SQLEventStore
 
-__all__ = ["EventStore", "FailedDelivery", "IdempotencyRecord", "make_store"]
+__all__ = ["EventStore", "FailedDelivery", "IdempotencyRecord", "Page", "make_store"]
 
 
 def make_store(settings: Settings) -> SQLEventStore:

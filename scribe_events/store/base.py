@@ -18,6 +18,19 @@ class IdempotencyRecord:
     ids: tuple[str, ...]
 
 
+class Page(list[Event]):
+    """Events read in id order. Rows that cannot be read (e.g. sealed with a key no longer
+    configured) are skipped, so pagination goes by what was *scanned*: ``through`` is the last id
+    the read covered, ``full`` whether it hit its limit (there may be more after ``through``)."""
+
+    __slots__ = ("full", "through")
+
+    def __init__(self, events: list[Event], *, through: int, full: bool) -> None:
+        super().__init__(events)
+        self.through = through
+        self.full = full
+
+
 # A claim to save: the record (without ids yet) and the events of that request.
 IdempotencyClaim = tuple[IdempotencyRecord, Sequence[Event]]
 
@@ -66,12 +79,17 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     async def read(
         self, *, after: int, user_id: str, session_id: str | None, limit: int, types: TypeFilter | None = None
-    ) -> list[Event]:
+    ) -> Page:
         """Events after ``after`` that this user (and session) may see, oldest first."""
 
     @abc.abstractmethod
-    async def read_all(self, *, after: int, limit: int, until: int | None = None) -> list[Event]:
+    async def read_all(self, *, after: int, limit: int, until: int | None = None) -> Page:
         """Every event after ``after`` (up to ``until``), whoever it is for: the outbox relay's view."""
+
+    @abc.abstractmethod
+    async def identity(self) -> int:
+        """A random number that names this store (made once, kept in the store): instances that
+        share a broker compare it to tell their own deployment's messages from another's."""
 
     @abc.abstractmethod
     async def read_ids(self, ids: Sequence[int]) -> list[Event]: ...
@@ -114,6 +132,10 @@ class EventStore(abc.ABC):
         limit: int = 1000,
     ) -> list[FailedDelivery]:
         """Failed deliveries (by event ids, by user, since a time), oldest first."""
+
+    @abc.abstractmethod
+    async def count_failures(self, user_id: str) -> int:
+        """Failed deliveries recorded for this user and not yet resent."""
 
     @abc.abstractmethod
     async def mark_resent(self, failure_ids: Sequence[int], when_ms: int) -> None: ...

@@ -12,22 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import secrets
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from scribe_events.crypto import Cipher, CryptoError
 from scribe_events.events import Event, TypeFilter, now_ms
-from scribe_events.exceptions import StoreUnavailable
+from scribe_events.exceptions import StoreRejected, StoreUnavailable
 from scribe_events.store import migrate, retention
-from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyClaim, IdempotencyRecord
+from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyClaim, IdempotencyRecord, Page
 from scribe_events.store.schema import events, failed_deliveries, idempotency_keys, store_meta
 
+log = logging.getLogger("scribe_events.store")
+
+IDENTITY = "store_id"  # store_meta key of the store's identity (see EventStore.identity)
 _LOCK_NAMESPACE = 0x5CE1  # first key of pg_advisory_xact_lock(int, int); the second is the schema's hash
 
 _EVENT_COLUMNS = (
@@ -58,6 +64,16 @@ def _fail(action: str, exc: BaseException) -> StoreUnavailable:
     return StoreUnavailable(f"the store could not {action}: {type(exc).__name__}")
 
 
+def _refused_rows(exc: BaseException) -> bool:
+    """True when the error is about the rows (a constraint, a value the database or driver cannot
+    take), not about reaching the store: retrying the same rows cannot help."""
+    if isinstance(exc, IntegrityError | DataError):
+        return True
+    if isinstance(exc, StatementError) and not isinstance(exc, DBAPIError):
+        return True  # the driver could not bind a value (e.g. text it cannot encode)
+    return not isinstance(exc, SQLAlchemyError | OSError | StoreUnavailable)
+
+
 def crypto_context(type_: str, user_id: str | None, session_id: str | None, broadcast: bool) -> str:
     """What a sensitive event's ciphertext is bound to: its type and audience."""
     return f"{type_}|{user_id or ''}|{session_id or ''}|{int(broadcast)}"
@@ -79,6 +95,9 @@ class SQLEventStore(EventStore):
         self.cipher = cipher
         self.engine: AsyncEngine | None = None
         self._lock_key = zlib.crc32((schema or "public").encode()) & 0x7FFFFFFF
+        self._identity = 0
+        self.unreadable = 0  # stored rows skipped because they could not be read
+        self._unreadable_logged: set[int] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -117,12 +136,29 @@ class SQLEventStore(EventStore):
             if self.dialect == "postgresql":
                 async with self.engine.begin() as conn:
                     await retention.ensure(conn, now_ms())
+            self._identity = await self._ensure_identity()
         except (SQLAlchemyError, OSError) as exc:
             await self.close()
             raise StoreUnavailable(f"cannot open the store at {self.describe()}: {exc}") from exc
         except BaseException:
             await self.close()
             raise
+
+    async def _ensure_identity(self) -> int:
+        candidate = secrets.randbits(62) | 1
+        query = sa.select(store_meta.c.value).where(store_meta.c.key == IDENTITY)
+        insert = (postgresql if self.dialect == "postgresql" else sqlite).insert(store_meta)
+        async with self._engine.begin() as conn:
+            found = (await conn.execute(query)).scalar()
+            if found is None:  # first start: name this store (another instance may race us to it)
+                await conn.execute(insert.values(key=IDENTITY, value=candidate).on_conflict_do_nothing())
+                found = (await conn.execute(query)).scalar()
+        return int(found or candidate)
+
+    async def identity(self) -> int:
+        if not self._identity:
+            raise StoreUnavailable("the store is not started")
+        return self._identity
 
     async def close(self) -> None:
         if self.engine is not None:
@@ -156,8 +192,8 @@ class SQLEventStore(EventStore):
         }
 
     async def append(self, batch: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
-        rows = [self._row(e) for e in batch]
         try:
+            rows = [self._row(e) for e in batch]
             async with self._engine.begin() as conn:
                 if rows:
                     ids = await self._insert(conn, rows)
@@ -189,14 +225,14 @@ class SQLEventStore(EventStore):
                             for r, evs in idempotency
                         ],
                     )
-        except (SQLAlchemyError, OSError) as exc:
+        except Exception as exc:
             for e in batch:
                 e.id = None
-            if isinstance(exc, IntegrityError | DataError):
+            if _refused_rows(exc):
                 # About this batch's rows, not the store: the publisher retries the jobs one by one.
-                raise StoreUnavailable(
-                    f"the store refused the events: {type(exc).__name__}", code="store_rejected"
-                ) from exc
+                raise StoreRejected(f"the store refused the event(s): {type(exc).__name__}") from exc
+            if isinstance(exc, StoreUnavailable):
+                raise
             raise _fail("take the events", exc) from exc
 
     async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
@@ -253,6 +289,19 @@ class SQLEventStore(EventStore):
 
     # -- reading -----------------------------------------------------------------------------------
 
+    def _page(self, rows: list[Any], *, after: int, limit: int) -> Page:
+        """Rows to events; a row that cannot be read is skipped (logged once, counted)."""
+        out = []
+        for r in rows:
+            try:
+                out.append(self._event(r))
+            except StoreUnavailable as exc:
+                self.unreadable += 1
+                if r.id not in self._unreadable_logged and len(self._unreadable_logged) < 10_000:
+                    self._unreadable_logged.add(r.id)
+                    log.error("stored event %s cannot be read and is skipped: %s", r.id, exc.message)
+        return Page(out, through=int(rows[-1].id) if rows else after, full=len(rows) >= limit)
+
     def _event(self, r: Any) -> Event:
         data = r.data
         if r.key_id is not None:
@@ -295,7 +344,7 @@ class SQLEventStore(EventStore):
         session_id: str | None,
         limit: int,
         types: TypeFilter | None = None,
-    ) -> list[Event]:
+    ) -> Page:
         t = events.c
         session_ok = (
             t.session_id.is_(None)
@@ -306,20 +355,20 @@ class SQLEventStore(EventStore):
         if types is not None:
             where.append(sa.or_(*(t.type.like(p, escape="\\") for p in types.sql_like())))
         stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(t.id).limit(limit)
-        return [self._event(r) for r in await self._rows(stmt)]
+        return self._page(await self._rows(stmt), after=after, limit=limit)
 
-    async def read_all(self, *, after: int, limit: int, until: int | None = None) -> list[Event]:
+    async def read_all(self, *, after: int, limit: int, until: int | None = None) -> Page:
         where = [events.c.id > after]
         if until is not None:
             where.append(events.c.id <= until)
         stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(events.c.id).limit(limit)
-        return [self._event(r) for r in await self._rows(stmt)]
+        return self._page(await self._rows(stmt), after=after, limit=limit)
 
     async def read_ids(self, ids: Sequence[int]) -> list[Event]:
         if not ids:
             return []
         stmt = sa.select(*_EVENT_COLUMNS).where(events.c.id.in_(list(ids))).order_by(events.c.id)
-        return [self._event(r) for r in await self._rows(stmt)]
+        return list(self._page(await self._rows(stmt), after=0, limit=len(ids) + 1))
 
     async def _scalar(self, stmt: Any) -> Any:
         rows = await self._rows(stmt)
@@ -437,6 +486,11 @@ class SQLEventStore(EventStore):
             )
             for r in await self._rows(stmt)
         ]
+
+    async def count_failures(self, user_id: str) -> int:
+        f = failed_deliveries.c
+        stmt = sa.select(sa.func.count()).where(f.user_id == user_id, f.resent_ms.is_(None))
+        return int(await self._scalar(stmt) or 0)
 
     async def mark_resent(self, failure_ids: Sequence[int], when_ms: int) -> None:
         if not failure_ids:

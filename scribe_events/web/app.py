@@ -7,6 +7,7 @@ closes them in reverse. Nothing connects at import time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -20,12 +21,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from scribe_events import __version__
+from scribe_events.admission import Admission
 from scribe_events.auth import TokenVerifier
 from scribe_events.broker import Broker, make_broker
 from scribe_events.config import Settings
 from scribe_events.constants import RedisKeys, redis_client
 from scribe_events.control import Control
-from scribe_events.exceptions import PayloadTooLarge, StoreUnavailable
+from scribe_events.exceptions import PayloadTooLarge, RequestTimeout, ScribeEventsError, ServiceUnavailable
 from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Hub
 from scribe_events.metrics import make_registry
@@ -46,6 +48,7 @@ class Runtime:
 
     settings: Settings
     verifier: TokenVerifier
+    admission: Admission
     state: SharedState
     control: Control
     registry: Registry
@@ -90,31 +93,51 @@ class ScribeApp:
             if scope["path"] == stream.STREAM_PATH and scope["method"] == "GET" and self.runtime is not None:
                 await stream.handle(self.runtime, scope, receive, send)
                 return
-            receive = self._limited(scope, receive)
+            try:
+                receive = await self._buffered(scope, receive)
+            except ScribeEventsError as exc:
+                await errors.send_error(send, exc, stream.cors_headers(self.settings, _origin(scope)))
+                return
         await self.api(scope, receive, send)  # type: ignore[arg-type]
 
-    def _limited(self, scope: dict[str, Any], receive: Any) -> Any:
-        """Refuse request bodies over ``max_request_bytes`` (413), declared or streamed."""
+    async def _buffered(self, scope: dict[str, Any], receive: Any) -> Any:
+        """Read the whole request body first, bounded in size (413) and time (408), so no route can
+        be held by a body that never ends or grows without limit; FastAPI then reads it from memory."""
         limit = self.settings.max_request_bytes
-        declared = next((int(v) for n, v in scope["headers"] if n == b"content-length" and v.isdigit()), 0)
+        declared = next((v for n, v in scope["headers"] if n == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes")
+        if declared == b"0" or (declared is None and b"chunked" not in _header(scope, b"transfer-encoding")):
+            return receive  # no body
+        parts: list[bytes] = []
         seen = 0
-
-        async def counted() -> Any:
-            nonlocal seen
-            if declared > limit:
-                raise PayloadTooLarge(f"the request body is over {limit} bytes")
-            message = await receive()
-            seen += len(message.get("body", b""))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.body_timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"the request body did not arrive within {self.settings.body_timeout_s:g} s"
+                ) from None
+            if message["type"] != "http.request":
+                return _replay([message])  # the client left: let the app see it
+            body = message.get("body", b"")
+            seen += len(body)
             if seen > limit:
                 raise PayloadTooLarge(f"the request body is over {limit} bytes")
-            return message
-
-        return counted
+            parts.append(body)
+            if not message.get("more_body", False):
+                break
+        return _replay([{"type": "http.request", "body": b"".join(parts), "more_body": False}], receive)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         settings = self.settings
         verifier = TokenVerifier(settings, create_secret=True)
+        problem = settings.deployment_problem()
+        if problem:
+            raise ScribeEventsError(problem, code="bad_configuration")
         async with contextlib.AsyncExitStack() as stack:
             store = make_store(settings)
             await store.start()
@@ -126,12 +149,16 @@ class ScribeApp:
                 max_buffer=settings.max_connection_buffer,
             )
             hub.last_seq = head  # a fresh stream starts from now
+            recorder = FailureRecorder(store, hub, max_per_user=settings.max_failed_per_user)
+            recorder.start()
+            stack.push_async_callback(recorder.close)
             state, registry, redis = self._shared(settings, hub, stack)
-            broker = make_broker(settings, store, last_seq=head, redis=redis)
+            broker = make_broker(settings, store, last_seq=head, redis=redis, origin=await store.identity())
+            broker.on_unsendable = recorder.on_unsendable
             control = Control(settings, state, broker, hub)
             try:
                 await control.start()
-            except StoreUnavailable as exc:
+            except ServiceUnavailable as exc:
                 log.error("could not load push mode and bans: %s (using defaults)", exc)
             await broker.start(hub.dispatch)
             stack.push_async_callback(broker.close)
@@ -139,14 +166,12 @@ class ScribeApp:
                 store,
                 broker,
                 queue_max=settings.publish_queue,
+                queue_bytes=settings.publish_queue_bytes,
                 batch_max=settings.publish_batch,
                 faults=frozenset(settings.faults),
             )
             await publisher.start()  # relays what was committed but never published
             stack.push_async_callback(publisher.close)
-            recorder = FailureRecorder(store, hub)
-            recorder.start()
-            stack.push_async_callback(recorder.close)
             hub.start()
             stack.push_async_callback(hub.close)
             registry.start()
@@ -157,6 +182,7 @@ class ScribeApp:
             self.runtime = Runtime(
                 settings=settings,
                 verifier=verifier,
+                admission=Admission(settings, verifier, state, control, hub),
                 state=state,
                 control=control,
                 registry=registry,
@@ -165,7 +191,7 @@ class ScribeApp:
                 hub=hub,
                 publisher=publisher,
                 recorder=recorder,
-                service=EventService(settings, store, broker, publisher, state, control),
+                service=EventService(settings, store, broker, publisher, state, control, registry),
                 started_at=time.time(),
             )
             stack.callback(setattr, self, "runtime", None)
@@ -196,6 +222,28 @@ class ScribeApp:
             client, keys, hub, ttl_s=1.5 * settings.heartbeat_s, refresh_s=settings.heartbeat_s
         )
         return RedisState(client, keys), registry, client
+
+
+def _origin(scope: dict[str, Any]) -> bytes | None:
+    return next((v for n, v in scope["headers"] if n == b"origin"), None)
+
+
+def _header(scope: dict[str, Any], name: bytes) -> bytes:
+    return b",".join(v.lower() for n, v in scope["headers"] if n == name)
+
+
+def _replay(messages: list[dict[str, Any]], then: Any = None) -> Any:
+    """An ASGI ``receive`` that gives ``messages``, then defers to ``then`` (e.g. for a disconnect)."""
+    queue = list(messages)
+
+    async def receive() -> Any:
+        if queue:
+            return queue.pop(0)
+        if then is None:
+            return {"type": "http.disconnect"}
+        return await then()
+
+    return receive
 
 
 def create_app(settings: Settings | None = None) -> ScribeApp:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,17 +13,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
-from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, Principal, bearer_token
+from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, Principal
 from scribe_events.control import ban_target
 from scribe_events.events import Event, TypeFilter, parse_publish, rfc3339
 from scribe_events.exceptions import (
     BadRequest,
-    Forbidden,
+    BrokerUnavailable,
     InvalidJSON,
     NotFound,
-    StoreUnavailable,
+    NotReady,
     ValidationFailed,
 )
+from scribe_events.ids import IDEMPOTENCY_KEY, check_ip, optional_text_id
 from scribe_events.metrics import CONTENT_TYPE, render
 from scribe_events.service import dump_with_raw, request_fingerprint
 from scribe_events.state import Ban
@@ -32,7 +32,8 @@ from scribe_events.store import FailedDelivery
 from scribe_events.web import stream
 from scribe_events.web.app_state import runtime_of
 
-_KEY = re.compile(r"^[\x21-\x7e]{1,200}$")
+MAX_TTL_S = 10 * 365 * 86_400  # a ban of ten years is "until lifted" for all purposes
+MAX_DAYS = 36_500.0
 _ERROR = {"content": {"application/json": {"example": {"error": {"code": "invalid_token", "message": "…"}}}}}
 _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "missing, bad or expired token", **_ERROR}
@@ -41,10 +42,9 @@ _AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
 
 async def authenticate(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
     """The caller, from ``Authorization: Bearer <jwt>``; banned users and addresses get 403."""
-    rt = runtime_of(request)
-    principal = rt.verifier.verify(bearer_token(authorization))
-    rt.control.check(principal, request.client.host if request.client else None)
-    return principal
+    return await runtime_of(request).admission.caller(
+        authorization, request.client.host if request.client else None
+    )
 
 
 Caller = Annotated[Principal, Depends(authenticate)]
@@ -117,14 +117,16 @@ async def open_stream(
 ) -> Response:
     """Documented here; served by the stream handler (`scribe_events.web.stream`), which answers the
     path before FastAPI's routing. Send `Authorization: Bearer`, or `ticket=` from a browser."""
-    raise StoreUnavailable("the service is starting", code="not_ready")
+    raise NotReady("the service is starting")
 
 
 @router.post("/api/v1/events/tickets", tags=["stream"], response_model=TicketOut, responses=_AUTH_ERRORS)
 async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
     """A single-use ticket (30 s) for `GET /api/v1/events/stream?ticket=…`, for `EventSource`."""
     rt = runtime_of(request)
-    ticket = await rt.state.issue_ticket(principal, rt.settings.ticket_ttl_s)
+    ticket = await rt.state.issue_ticket(
+        principal, rt.settings.ticket_ttl_s, per_user=rt.settings.max_tickets_per_user
+    )
     return TicketOut(ticket=ticket, expires_in=rt.settings.ticket_ttl_s)
 
 
@@ -145,19 +147,21 @@ async def publish(
     committed to the store before anyone is sent them; the answer carries their ids in order."""
     principal.require(ROLE_PUBLISHER, ROLE_ADMIN)
     rt = runtime_of(request)
-    if idempotency_key is not None and not _KEY.match(idempotency_key):
+    if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise BadRequest(
             "Idempotency-Key must be 1-200 visible ASCII characters", code="invalid_idempotency_key"
         )
     body = await request.body()
-    events = parse_body(body, rt.settings.max_event_bytes, rt.settings.max_batch_events)
+    events = parse_body(
+        body, rt.settings.max_event_bytes, rt.settings.max_batch_events, rt.settings.max_data_depth
+    )
     ids = await rt.service.publish(
         principal, events, idempotency_key=idempotency_key, request_hash=request_fingerprint(body)
     )
     return PublishedOut(ids=ids)
 
 
-def parse_body(body: bytes, max_event_bytes: int, max_batch: int) -> list[Event]:
+def parse_body(body: bytes, max_event_bytes: int, max_batch: int, max_depth: int = 32) -> list[Event]:
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
@@ -173,8 +177,11 @@ def parse_body(body: bytes, max_event_bytes: int, max_batch: int) -> list[Event]
             raise ValidationFailed(
                 f"holds {len(items)} events; at most {max_batch} per request", field="events"
             )
-        return [parse_publish(item, max_event_bytes=max_event_bytes, index=i) for i, item in enumerate(items)]
-    return [parse_publish(payload, max_event_bytes=max_event_bytes)]
+        return [
+            parse_publish(item, max_event_bytes=max_event_bytes, index=i, max_depth=max_depth)
+            for i, item in enumerate(items)
+        ]
+    return [parse_publish(payload, max_event_bytes=max_event_bytes, max_depth=max_depth)]
 
 
 @router.get("/api/v1/events", tags=["polling"], responses=_AUTH_ERRORS)
@@ -187,11 +194,13 @@ async def poll(
     session_id: str | None = None,
 ) -> Response:
     """Polling fallback: the same events, visibility and envelopes as the stream."""
-    if principal.session_id is not None and session_id not in (None, principal.session_id):
-        raise Forbidden("the token is bound to another session", code="session_mismatch")
     rt = runtime_of(request)
     body = await rt.service.poll(
-        principal, session_id or principal.session_id, after, limit, TypeFilter.parse(types)
+        principal,
+        rt.admission.session(principal, session_id),
+        after,
+        limit,
+        TypeFilter.parse(types, max_globs=rt.settings.max_type_globs),
     )
     return Response(dump_with_raw(body), media_type="application/json")
 
@@ -212,16 +221,22 @@ async def set_push_mode(request: Request, principal: Caller, body: PushModeIn) -
     return {"mode": body.mode, "sse_percent": body.sse_percent}
 
 
+UserId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
+EventId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
 class ResendIn(BaseModel):
-    event_ids: list[int] = Field(default_factory=list, max_length=1000)
-    user_id: str | None = None
+    event_ids: list[EventId] = Field(default_factory=list, max_length=1000)
+    user_id: UserId | None = None
     since: datetime | None = Field(None, description="RFC 3339 time; failures at or after it")
     dry_run: bool = False
     limit: int = Field(1000, ge=1, le=10_000)
 
 
 class PurgeIn(BaseModel):
-    older_than_days: float = Field(..., gt=0, description="purge events older than this many days")
+    older_than_days: float = Field(
+        ..., gt=0, le=MAX_DAYS, allow_inf_nan=False, description="purge events older than this many days"
+    )
     dry_run: bool = False
 
 
@@ -243,8 +258,8 @@ def _failure_out(f: FailedDelivery) -> dict[str, Any]:
 async def list_failed(
     request: Request,
     principal: Caller,
-    user_id: str | None = None,
-    event_id: Annotated[list[int] | None, Query()] = None,
+    user_id: Annotated[str | None, Query(max_length=200)] = None,
+    event_id: Annotated[list[int] | None, Query(max_length=1000)] = None,
     since: datetime | None = None,
     include_resent: bool = False,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -253,7 +268,7 @@ async def list_failed(
     principal.require(ROLE_ADMIN)
     found = await runtime_of(request).service.failed(
         event_ids=event_id or [],
-        user_id=user_id,
+        user_id=optional_text_id(user_id, "user_id"),
         since_ms=_ms(since),
         include_resent=include_resent,
         limit=limit,
@@ -267,14 +282,18 @@ async def resend(request: Request, principal: Caller, body: ResendIn) -> dict[st
     principal.require(ROLE_ADMIN)
     if not (body.event_ids or body.user_id or body.since):
         raise ValidationFailed("name event_ids, user_id or since", field="body", code="missing_selection")
-    done = await runtime_of(request).service.resend(
+    done, skipped = await runtime_of(request).service.resend(
         event_ids=body.event_ids,
-        user_id=body.user_id,
+        user_id=optional_text_id(body.user_id, "user_id"),
         since_ms=_ms(body.since),
         dry_run=body.dry_run,
         limit=body.limit,
     )
-    return {"dry_run": body.dry_run, "resent": [_failure_out(f) for f in done]}
+    return {
+        "dry_run": body.dry_run,
+        "resent": [_failure_out(f) for f in done],
+        "not_resent": [{**_failure_out(f), "why": why} for f, why in skipped],
+    }
 
 
 @router.post("/api/v1/admin/events/purge", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
@@ -288,27 +307,31 @@ async def purge(request: Request, principal: Caller, body: PurgeIn) -> dict[str,
 async def list_connections(
     request: Request,
     principal: Caller,
-    user_id: str | None = None,
-    session_id: str | None = None,
-    instance: str | None = None,
+    user_id: Annotated[str | None, Query(max_length=200)] = None,
+    session_id: Annotated[str | None, Query(max_length=200)] = None,
+    instance: Annotated[str | None, Query(max_length=200)] = None,
 ) -> dict[str, Any]:
     """Live connections on every instance (from Redis when configured, else this instance)."""
     principal.require(ROLE_ADMIN)
     registry = runtime_of(request).registry
     try:
-        found = await registry.list(user_id=user_id, session_id=session_id, instance=instance)
+        found = await registry.list(
+            user_id=optional_text_id(user_id, "user_id"),
+            session_id=optional_text_id(session_id, "session_id"),
+            instance=optional_text_id(instance, "instance"),
+        )
     except (RedisError, OSError) as exc:
-        raise StoreUnavailable(
+        raise BrokerUnavailable(
             f"the registry (Redis) is unavailable: {exc}", code="redis_unavailable"
         ) from exc
     return {"connections": sorted(found, key=lambda c: c["connected_at"])}
 
 
 class BanIn(BaseModel):
-    user_id: str | None = None
-    ip: str | None = None
-    reason: str = ""
-    ttl_s: int | None = Field(None, gt=0, description="seconds; unset: until lifted")
+    user_id: UserId | None = None
+    ip: str | None = Field(None, max_length=64, description="an IPv4 or IPv6 address")
+    reason: str = Field("", max_length=500)
+    ttl_s: int | None = Field(None, gt=0, le=MAX_TTL_S, description="seconds; unset: until lifted")
 
 
 def _ban_out(ban: Ban) -> dict[str, Any]:
@@ -322,7 +345,7 @@ def _ban_out(ban: Ban) -> dict[str, Any]:
 
 def _target(user_id: str | None, ip: str | None) -> str:
     try:
-        return ban_target(user_id, ip)
+        return ban_target(optional_text_id(user_id, "user_id"), None if ip is None else check_ip(ip, "ip"))
     except ValueError:
         raise ValidationFailed(
             "name exactly one of user_id and ip", field="target", code="invalid_ban"
@@ -346,7 +369,10 @@ async def add_ban(request: Request, principal: Caller, body: BanIn) -> dict[str,
 
 @router.delete("/api/v1/admin/bans", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR, 404: _ERROR})
 async def remove_ban(
-    request: Request, principal: Caller, user_id: str | None = None, ip: str | None = None
+    request: Request,
+    principal: Caller,
+    user_id: Annotated[str | None, Query(max_length=200)] = None,
+    ip: Annotated[str | None, Query(max_length=64)] = None,
 ) -> dict[str, Any]:
     """Lift a ban (`?user_id=` or `?ip=`)."""
     principal.require(ROLE_ADMIN)
@@ -388,6 +414,12 @@ async def health_ready(request: Request) -> JSONResponse:
     rt = runtime_of(request)
     deps = {"store": await rt.store.ping(), "broker": await rt.broker.ready()}
     body = _health(request, deps)
+    if rt.broker.foreign:
+        body["warnings"] = [
+            f"{rt.broker.foreign} broker message(s) from another deployment were ignored: this Redis "
+            f"prefix ({rt.settings.redis_prefix!r}) is shared with another database. Give each "
+            "deployment its own SCRIBE_EVENTS_REDIS_PREFIX."
+        ]
     return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import secrets
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from scribe_events import sse
-from scribe_events.auth import bearer_token
-from scribe_events.events import TypeFilter, dumps, now_ms, rfc3339
-from scribe_events.exceptions import BadRequest, Forbidden, ScribeEventsError, StoreUnavailable
+from scribe_events.config import Settings
+from scribe_events.events import TypeFilter, dumps, now_ms, rfc3339, sendable
+from scribe_events.exceptions import BadRequest, ScribeEventsError, ServiceUnavailable, ShuttingDown
 from scribe_events.hub import Connection, Hub, Sink
 from scribe_events.web.errors import send_error
 from scribe_events.web.protocol import TRANSPORT_EXTENSION
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("scribe_events.stream")
 
 STREAM_PATH = "/api/v1/events/stream"
-_SESSION = re.compile(r"^[^\x00-\x1f]{1,200}$")
 _DRAIN_TIMEOUT_S = 10.0
 
 
@@ -41,10 +39,10 @@ def _headers(scope: dict[str, Any]) -> dict[bytes, bytes]:
     return {k: v for k, v in scope["headers"]}
 
 
-def cors_headers(runtime: Runtime, origin: bytes | None) -> list[tuple[bytes, bytes]]:
+def cors_headers(settings: Settings, origin: bytes | None) -> list[tuple[bytes, bytes]]:
     if origin is None:
         return []
-    allowed = runtime.settings.cors_origins
+    allowed = settings.cors_origins
     text = origin.decode("latin-1")
     if "*" in allowed or text in allowed:
         return [
@@ -73,11 +71,14 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
 async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connection | None:
     """Accept or refuse; greet; replay. Returns the live connection, or None if it is already over."""
     headers = _headers(scope)
-    cors = cors_headers(runtime, headers.get(b"origin"))
+    cors = cors_headers(runtime.settings, headers.get(b"origin"))
     try:
         conn_args, plan, last_id = await _accept(runtime, scope, headers)
         if runtime.hub.closing:  # shutdown began while the request was being checked
-            raise StoreUnavailable("the server is shutting down", code="shutting_down")
+            raise ShuttingDown("the server is shutting down")
+        # Checked last, after every await, so concurrent opens cannot all slip under the caps.
+        runtime.admission.stream_room(conn_args.pop("principal"), conn_args["ip"])
+        del conn_args["ip"]
     except ScribeEventsError as exc:
         await send_error(send, exc, cors)
         return None
@@ -125,25 +126,19 @@ async def _accept(
 ) -> tuple[dict[str, Any], Any, str | None]:
     """Check everything about the request before the 200 goes out."""
     if runtime.hub.closing:
-        raise StoreUnavailable("the server is shutting down", code="shutting_down")
+        raise ShuttingDown("the server is shutting down")
     query = {
         k: v[0] for k, v in parse_qs(scope["query_string"].decode("latin-1"), keep_blank_values=True).items()
     }
     if "token" in query or "access_token" in query:
         raise BadRequest("tokens are not accepted in the query string; use a ticket", code="token_in_query")
-    ticket = query.get("ticket")
-    if ticket:
-        principal = await runtime.state.redeem_ticket(ticket)
-    else:
-        principal = runtime.verifier.verify(bearer_token(_text(headers.get(b"authorization"))))
     client = scope.get("client")
-    runtime.control.check(principal, client[0] if client else None)
-    session_id = query.get("session_id") or principal.session_id
-    if session_id is not None and not _SESSION.match(session_id):
-        raise BadRequest("session_id must be 1-200 printable characters", code="invalid_session_id")
-    if principal.session_id is not None and session_id != principal.session_id:
-        raise Forbidden("the token is bound to another session", code="session_mismatch")
-    types = TypeFilter.parse(query.get("types"))
+    ip = client[0] if client else None
+    principal = await runtime.admission.caller(
+        _text(headers.get(b"authorization")), ip, ticket=query.get("ticket")
+    )
+    session_id = runtime.admission.session(principal, query.get("session_id"))
+    types = TypeFilter.parse(query.get("types"), max_globs=runtime.settings.max_type_globs)
     last_id = _text(headers.get(b"last-event-id"))
     if last_id is None:
         last_id = query.get("last_event_id")
@@ -154,7 +149,11 @@ async def _accept(
         "session_id": session_id,
         "types": types,
         "remote": f"{client[0]}:{client[1]}" if client else "",
-        "user_agent": _text(headers.get(b"user-agent")) or "",
+        "user_agent": (_text(headers.get(b"user-agent")) or "")[:500],
+        "expires_at": principal.expires_at if runtime.settings.end_stream_at_token_expiry else None,
+        "is_admin": principal.is_admin,
+        "principal": principal,
+        "ip": ip,
     }
     return conn_args, plan, last_id
 
@@ -168,18 +167,23 @@ async def _replay(runtime: Runtime, conn: Connection, after: int) -> None:
             batch = await store.read(
                 after=sent, user_id=conn.user_id, session_id=conn.session_id, limit=page, types=conn.types
             )
-        except StoreUnavailable as exc:
+            purged = await store.purged_through()
+        except ServiceUnavailable as exc:
             log.error("replay for %s failed: %s", conn.id, exc)
             hub.cut(conn, "store_unavailable")
             return
-        for event in batch:
-            if not hub.write_direct(conn, (event.delivery().chunk,), event.id):
+        if purged > sent:  # a purge ran since this replay was planned: say so, as at the start
+            oldest = batch[0].wire_id if batch else None
+            notice = {"last_event_id": str(sent), "oldest_available": oldest}
+            if not hub.write_direct(conn, (sse.chunk(sse.frame(dumps(notice), event="replay.truncated")),)):
+                return
+        for delivery in sendable(batch, runtime.recorder.on_unsendable):
+            if not hub.write_direct(conn, (delivery.chunk,), delivery.seq):
                 return
             if conn.buffer_size() > hub.max_buffer // 2 and not await _drain(hub, conn):
                 return
-        if batch:
-            sent = batch[-1].id  # type: ignore[assignment]
-        if len(batch) < page:
+        sent = batch.through
+        if not batch.full:
             break
     # Then what arrived live meanwhile, paced the same way, until the stream is live.
     while conn.id in hub.connections and not hub.flush_pending(conn, page):

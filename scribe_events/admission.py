@@ -1,0 +1,73 @@
+"""The one way in: every request that acts for a user comes through :class:`Admission`.
+
+The stream, polling, tickets, the client config, publishing and the admin routes all call it, so
+they cannot differ in how they check a caller: the token (or a single-use ticket), bans, the
+session a request names and the caps on open streams.
+"""
+
+from __future__ import annotations
+
+import re
+
+from scribe_events.auth import Principal, TokenVerifier, bearer_token
+from scribe_events.config import Settings
+from scribe_events.control import Control
+from scribe_events.exceptions import BadRequest, Forbidden, InvalidToken, RateLimited
+from scribe_events.hub import Hub
+from scribe_events.ids import ID_RULE, is_text_id
+from scribe_events.state import SharedState
+
+_TICKET = re.compile(r"[A-Za-z0-9_-]{16,128}")
+
+
+class Admission:
+    def __init__(
+        self, settings: Settings, verifier: TokenVerifier, state: SharedState, control: Control, hub: Hub
+    ) -> None:
+        self.settings = settings
+        self.verifier = verifier
+        self.state = state
+        self.control = control
+        self.hub = hub
+
+    async def caller(
+        self, authorization: str | None, remote_ip: str | None, *, ticket: str | None = None
+    ) -> Principal:
+        """Who is calling (a Bearer token, or a ticket where ``ticket`` is given), unless banned."""
+        if ticket:
+            if not _TICKET.fullmatch(ticket):
+                raise InvalidToken("the ticket is unknown, expired or already used")
+            principal = await self.state.redeem_ticket(ticket)
+        else:
+            principal = self.verifier.verify(bearer_token(authorization))
+        self.control.check(principal, remote_ip)
+        return principal
+
+    @staticmethod
+    def session(principal: Principal, requested: str | None) -> str | None:
+        """The session a request acts in: the one it names, else the token's. A session is always
+        the caller's own; a token bound to a session cannot name another (403)."""
+        session_id = requested or principal.session_id
+        if session_id is not None and not is_text_id(session_id):
+            raise BadRequest(f"session_id must be {ID_RULE}", code="invalid_session_id")
+        if principal.session_id is not None and session_id != principal.session_id:
+            raise Forbidden("the token is bound to another session", code="session_mismatch")
+        return session_id
+
+    def stream_room(self, principal: Principal, remote_ip: str | None) -> None:
+        """Refuse one more stream for a user or an address that holds its share (429). Admins pass."""
+        if principal.is_admin:
+            return
+        s, hub = self.settings, self.hub
+        if hub.count_user(principal.user_id) >= s.max_streams_per_user:
+            raise RateLimited(
+                f"this user has {s.max_streams_per_user} streams open on this server; close one first",
+                retry_after_s=max(1, round(s.heartbeat_s)),
+                code="too_many_streams",
+            )
+        if remote_ip and hub.count_ip(remote_ip) >= s.max_streams_per_ip:
+            raise RateLimited(
+                f"this address has {s.max_streams_per_ip} streams open on this server",
+                retry_after_s=max(1, round(s.heartbeat_s)),
+                code="too_many_streams",
+            )
