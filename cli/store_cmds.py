@@ -149,7 +149,10 @@ def resend(
         str | None, typer.Option("--token", help="Admin token (env SCRIBE_EVENTS_TOKEN).")
     ] = None,
 ) -> None:
-    """Re-send failed deliveries through a running server (by event id, by user, or since a time)."""
+    """Re-send failed deliveries through a running server (by event id, by user, or since a time).
+
+    Only those whose user (and session) has a live connection are sent and marked resent; the
+    others are listed as not resent and stay recorded."""
     if not (event or user or since):
         raise fail("say what to resend: --event ID, --user U and/or --since 2h")
     settings = load_settings(url=url)
@@ -178,6 +181,19 @@ def resend(
             str(r["resend_count"] + (0 if dry_run else 1)),
         )
     console.print(table)
+    left = answer.get("not_resent", [])
+    if left:
+        skipped = Table(title=f"not resent ({len(left)}): they stay recorded")
+        for column in ("event", "user", "session", "why"):
+            skipped.add_column(column)
+        for r in left:
+            skipped.add_row(
+                literal(r["event_id"]),
+                literal(r["user_id"]),
+                literal(r["session_id"] or ""),
+                literal(r["why"]),
+            )
+        console.print(skipped)
 
 
 def keygen() -> None:

@@ -97,7 +97,9 @@ class ClientError(ScribeEventsError):
 def error_from(response: httpx.Response) -> ClientError:
     try:
         err = response.json()["error"]
-        return ClientError(f"{err['code']}: {err['message']}", status=response.status_code, code=err["code"])
+        code, message = str(err["code"]), str(err["message"])
+        text = message if message.startswith(code) else f"{code}: {message}"  # no "banned: banned: …"
+        return ClientError(text, status=response.status_code, code=code)
     except (ValueError, KeyError, TypeError):
         return ClientError(f"HTTP {response.status_code}", status=response.status_code)
 

@@ -26,7 +26,7 @@ from scribe_events.events import Event, TypeFilter, now_ms
 from scribe_events.exceptions import ScribeEventsError
 from scribe_events.hub import Connection, Hub
 from scribe_events.store import EventStore, FailedDelivery
-from scribe_events.tasks import cancel, spawn
+from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.failures")
 
@@ -96,7 +96,7 @@ class FailureRecorder:
         self._wake.set()
 
     def start(self) -> None:
-        self._task = spawn(self._run(), "scribe-failures")
+        self._task = supervise(self._run, "scribe-failures")
 
     async def close(self) -> None:
         await cancel(self._task)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from scribe_events import sse
 from scribe_events.events import Delivery, TypeFilter, dumps, now_ms, rfc3339
-from scribe_events.tasks import cancel, spawn
+from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.hub")
 
@@ -345,7 +345,7 @@ class Hub:
     # -- heartbeat and shutdown ------------------------------------------------------------------
 
     def start(self) -> None:
-        self._heartbeat = spawn(self._beat(), "scribe-heartbeat")
+        self._heartbeat = supervise(self._beat, "scribe-heartbeat")
 
     async def _beat(self) -> None:
         loop = asyncio.get_running_loop()

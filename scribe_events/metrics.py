@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from scribe_events.tasks import CRASHES
+
 if TYPE_CHECKING:
     from scribe_events.web.app import Runtime
 
@@ -31,6 +33,7 @@ UNSENDABLE = "scribe_events_events_unsendable"
 UNREADABLE = "scribe_events_events_unreadable"
 FAILURES_GIVEN_UP = "scribe_events_failed_deliveries_given_up"
 BROKER_FOREIGN = "scribe_events_broker_foreign_messages"
+TASK_CRASHES = "scribe_events_background_task_crashes"
 
 
 class RuntimeCollector:
@@ -77,6 +80,14 @@ class RuntimeCollector:
             "Cut connections whose failed deliveries could not be recorded.",
             rt.recorder.given_up,
         )
+        crashes = CounterMetricFamily(
+            TASK_CRASHES,
+            "Background tasks that ended with an error (supervised ones restart).",
+            labels=["instance", "task"],
+        )
+        for task, n in sorted(CRASHES.items()):
+            crashes.add_metric([*instance, task], n)
+        yield crashes
         yield counter(
             BROKER_FOREIGN,
             "Broker messages from another deployment sharing Redis, ignored.",

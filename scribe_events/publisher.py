@@ -35,7 +35,7 @@ from scribe_events.exceptions import (
     StoreUnavailable,
 )
 from scribe_events.store import EventStore, IdempotencyRecord
-from scribe_events.tasks import cancel, spawn
+from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.publisher")
 
@@ -88,7 +88,7 @@ class Publisher:
             self.behind = True
             await self._relay()
             await self._save_watermark()
-        self._task = spawn(self._run(), "scribe-publisher")
+        self._task = supervise(self._run, "scribe-publisher")
 
     async def close(self) -> None:
         """Stop taking events, finish every one already accepted, save the watermark."""

@@ -24,7 +24,7 @@ from redis.exceptions import RedisError
 
 from scribe_events.constants import RedisKeys
 from scribe_events.hub import Connection, Hub
-from scribe_events.tasks import cancel, spawn
+from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.registry")
 
@@ -98,7 +98,7 @@ class RedisRegistry(Registry):
         self._wake.set()
 
     def start(self) -> None:
-        self._task = spawn(self._run(), "scribe-registry")
+        self._task = supervise(self._run, "scribe-registry")
 
     async def close(self) -> None:
         await cancel(self._task)

@@ -11,7 +11,7 @@ from scribe_events.events import now_ms
 from scribe_events.exceptions import StoreUnavailable
 from scribe_events.store import EventStore
 from scribe_events.store.retention import DAY_MS, cutoff_for, day_start
-from scribe_events.tasks import cancel, spawn
+from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.retention")
 
@@ -25,7 +25,7 @@ class RetentionJob:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = spawn(self._run(), "scribe-retention")
+        self._task = supervise(self._run, "scribe-retention")
 
     async def close(self) -> None:
         await cancel(self._task)

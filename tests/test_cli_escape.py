@@ -146,8 +146,8 @@ def test_server_error_with_markup_is_one_literal_red_line(server: ThreadServer, 
     out = cli("tail", "--user", "mallory", cwd=tmp_path, env=_env(server), timeout=15)
     assert out.returncode == 1
     _assert_clean(out.stdout + out.stderr)
-    # "code: message" (client.error_from), and the server's message is "banned: <reason>".
-    assert out.stderr == "error: banned: banned: [/] \\x1b[2J [bold]x\n"
+    # "code: message" (client.error_from), but not twice: the server's message is "banned: <reason>".
+    assert out.stderr == "error: banned: [/] \\x1b[2J [bold]x\n"
 
 
 def test_ban_list_shows_target_and_reason_literally(server: ThreadServer, tmp_path: Path) -> None:

@@ -442,3 +442,48 @@ def test_faults_are_refused_in_production() -> None:
 
     with pytest.raises(ValidationError, match="production"):
         Settings(environment="production", jwt_secret="s" * 40, faults=["kill_after_commit"])
+
+
+# --- background tasks never die silently -----------------------------------------------------------
+
+
+def test_a_crashed_heartbeat_is_logged_counted_and_restarted(
+    make_server: MakeServer, capfd: pytest.CaptureFixture[str]
+) -> None:
+    server = make_server(heartbeat_s=0.1)
+    hub = server.runtime.hub
+    real = hub.heartbeat
+    crashed: list[bool] = []
+
+    def once() -> None:
+        if not crashed:
+            crashed.append(True)
+            raise RuntimeError("a bug in the heartbeat")
+        real()
+
+    with server.stream("alice") as s:
+        s.read_count(1, event="connection.established")
+        hub.heartbeat = once
+        s.read_count(3, event="heartbeat", timeout=5)  # it came back
+    assert crashed
+    assert "scribe-heartbeat crashed; restarting" in capfd.readouterr().err
+    assert (
+        'scribe_events_background_task_crashes_total{instance="test-instance",task="scribe-heartbeat"}'
+        in (httpx.get(server.url + "/metrics").text)
+    )
+
+
+def test_cancel_reports_a_task_that_failed(caplog: pytest.LogCaptureFixture) -> None:
+    from scribe_events.tasks import CRASHES, cancel, spawn
+
+    async def run() -> None:
+        async def boom() -> None:
+            raise ValueError("lost")
+
+        task = spawn(boom(), "test-boom")
+        await asyncio.sleep(0.01)
+        await cancel(task)
+
+    before = CRASHES["test-boom"]
+    asyncio.run(run())
+    assert CRASHES["test-boom"] == before + 1 and "background task test-boom crashed" in caplog.text

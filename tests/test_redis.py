@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from scribe_events.auth import mint_token
-from tests.conftest import PG_URL, REQUIRE_SERVICES
+from tests.conftest import PG_URL, REQUIRE_SERVICES, _pg_execute
 from tests.harness import SECRET, ProcessServer, RawStream, cli, free_port, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -356,3 +357,47 @@ def test_redis_down_at_start_still_serves_and_reports_not_ready(
     finally:
         server.stop()
         server.close()
+
+
+def test_redis_two_deployments_sharing_a_prefix_ignore_each_other(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    other_schema = pg_schema + "_b"
+    asyncio.run(_pg_execute(f'CREATE SCHEMA "{other_schema}"'))
+    try:
+        ours = ProcessServer(tmp_path, env=_env(pg_schema, redis_prefix, "ours")).start()
+        theirs = ProcessServer(tmp_path, env=_env(other_schema, redis_prefix, "theirs")).start()
+        try:
+            # Their ids run ahead of ours: before the fix, ours dropped its own events as "already
+            # dispatched" until its ids passed theirs, and their alice events reached our alice.
+            for _ in range(5):
+                _publish(theirs, {"type": "custom.theirs", "user_id": "alice"})
+            with _stream(ours, "alice") as alice:
+                _publish(theirs, {"type": "custom.theirs", "user_id": "alice"})
+                [mine] = _publish(ours, {"type": "custom.ours", "user_id": "alice"})
+                alice.read_count(1)
+                alice.idle(0.5)
+                assert [(m.event, m.id) for m in alice.events()] == [("custom.ours", mine)]
+            ready = httpx.get(ours.url + "/health/ready").json()
+            assert ready["status"] == "ok" and "another deployment" in ready["warnings"][0]
+            metrics = httpx.get(ours.url + "/metrics").text
+            assert "scribe_events_broker_foreign_messages_total" in metrics
+            assert "ignoring broker messages from another deployment" in ours.text()
+        finally:
+            for server in (ours, theirs):
+                server.stop()
+                server.close()
+    finally:
+        asyncio.run(_pg_execute(f'DROP SCHEMA "{other_schema}" CASCADE'))
+
+
+def test_redis_with_sqlite_is_refused_at_start(tmp_path: Path, redis_prefix: str) -> None:
+    out = cli(
+        "serve",
+        "--port",
+        str(free_port()),
+        cwd=tmp_path,
+        env={"SCRIBE_EVENTS_REDIS_URL": REDIS_URL, "SCRIBE_EVENTS_REDIS_PREFIX": redis_prefix},
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert "needs PostgreSQL" in out.stderr.replace("\n", " ") or "several instances need" in out.stderr

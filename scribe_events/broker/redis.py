@@ -37,7 +37,7 @@ from scribe_events.broker.base import Broker, DeliverySink
 from scribe_events.constants import RedisKeys
 from scribe_events.events import Delivery, Event, SkipHook, sendable
 from scribe_events.store import Page
-from scribe_events.tasks import cancel, spawn
+from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.broker.redis")
 
@@ -124,7 +124,7 @@ class RedisBroker(Broker):
 
     async def start(self, sink: DeliverySink) -> None:
         self._sink = sink
-        self._task = spawn(self._listen(), "scribe-redis-listener")
+        self._task = supervise(self._listen, "scribe-redis-listener")
         try:
             await asyncio.wait_for(self._subscribed.wait(), 5)
         except TimeoutError:
