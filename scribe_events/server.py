@@ -49,9 +49,13 @@ def log_config(level: str) -> dict[str, Any]:
 
 
 def build_server(settings: Settings, *, fd: int | None = None, **overrides: Any) -> Server:
-    """uvicorn with uvloop and the streaming protocol (``http=`` overrides it, e.g. to test the fallback)."""
+    """uvicorn with uvloop and the streaming protocol (``http=`` overrides it, e.g. to test the fallback).
+
+    The streaming protocol enforces max_header_bytes, header_timeout_s and max_connections; on the
+    h11 fallback uvicorn only bounds the head's size (answering 400 in plain text).
+    """
     app = create_app(settings)
-    options: dict[str, Any] = {"http": StreamingHttpToolsProtocol, **overrides}
+    options: dict[str, Any] = {"http": StreamingHttpToolsProtocol.configured(settings), **overrides}
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -65,6 +69,7 @@ def build_server(settings: Settings, *, fd: int | None = None, **overrides: Any)
         access_log=settings.access_log,
         timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
         proxy_headers=False,
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         **options,
     )
     return Server(config, app)
@@ -77,6 +82,9 @@ async def preflight(settings: Settings) -> None:
         TokenVerifier(settings, create_secret=True)
     except ValueError as exc:
         raise ScribeEventsError(str(exc), code="bad_configuration") from exc
+    problem = settings.deployment_problem()
+    if problem:
+        raise ScribeEventsError(problem, code="bad_configuration")
     store = make_store(settings)
     await store.start()  # migrates on the embedded default; otherwise checks the schema
     await store.close()
