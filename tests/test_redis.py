@@ -401,3 +401,18 @@ def test_redis_with_sqlite_is_refused_at_start(tmp_path: Path, redis_prefix: str
     )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert "needs PostgreSQL" in out.stderr.replace("\n", " ") or "several instances need" in out.stderr
+
+
+def test_redis_tickets_per_user_are_capped_on_every_instance(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    with instances(
+        tmp_path, pg_schema, redis_prefix, "one", "two", SCRIBE_EVENTS_MAX_TICKETS_PER_USER="2"
+    ) as (one, two):
+
+        def mint(server: ProcessServer, user: str) -> int:
+            headers = {"Authorization": f"Bearer {mint_token(SECRET, user)}"}
+            return httpx.post(server.url + "/api/v1/events/tickets", headers=headers).status_code
+
+        assert [mint(one, "alice"), mint(two, "alice"), mint(one, "alice")] == [200, 200, 429]
+        assert mint(two, "bob") == 200
