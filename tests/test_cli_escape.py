@@ -8,11 +8,11 @@ import os
 import re
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from urllib.parse import quote
 
 from tests.harness import SECRET, ThreadServer, cli, wait_for
+from tests.test_cli import _end, _lines_of
 
 # Anything a terminal acts on; output lines end in "\n", so that one is allowed.
 _RAW_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
@@ -45,21 +45,8 @@ def _tail(server: ThreadServer, cwd: Path, *args: str) -> tuple[subprocess.Popen
         encoding="utf-8",
     )
     out: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            out.append(line)
-
-    threading.Thread(target=read, daemon=True).start()
+    _lines_of(proc, out)
     return proc, out
-
-
-def _end(proc: subprocess.Popen[str]) -> None:
-    proc.terminate()
-    proc.wait(5)
-    if proc.stdout is not None:
-        proc.stdout.close()
 
 
 def test_visible_escapes_controls_and_bidi_and_keeps_the_rest() -> None:
