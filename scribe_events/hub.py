@@ -149,8 +149,7 @@ class Hub:
         self.connections[conn.id] = conn
         ip = conn.ip
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
-        for hook in self.on_add:
-            hook(conn)
+        _run_hooks(self.on_add, conn)
         self._by_user.setdefault(conn.user_id, set()).add(conn)
         if conn.session_id is not None:
             self._by_session.setdefault((conn.user_id, conn.session_id), set()).add(conn)
@@ -167,8 +166,7 @@ class Hub:
         if self.connections.pop(conn.id, None) is None:
             return
         conn.closed_reason = conn.closed_reason or reason
-        for hook in self.on_remove:
-            hook(conn)
+        _run_hooks(self.on_remove, conn)
         _discard(self._by_user, conn.user_id, conn)
         if conn.session_id is not None:
             _discard(self._by_session, (conn.user_id, conn.session_id), conn)
@@ -264,11 +262,7 @@ class Hub:
 
     def _cut_all(self, troubled: Iterable[tuple[Connection, str]]) -> None:
         for c, reason in troubled:
-            try:
-                self.cut(c, reason)
-            except Exception:  # one connection's hooks must not spare the others
-                log.exception("cutting connection %s failed", c.id)
-                self.connections.pop(c.id, None)
+            self.cut(c, reason)
 
     def cut(self, conn: Connection, reason: str) -> None:
         """Drop a connection now: buffered bytes are discarded, the client resumes from its last id."""
@@ -286,10 +280,10 @@ class Hub:
             reason,
             _safe_size(conn),
         )
-        for hook in self.on_cut:
-            hook(conn, reason)
+        _run_hooks(self.on_cut, conn, reason)
         self.remove(conn, reason)
-        conn.sink.abort()
+        with contextlib.suppress(Exception):
+            conn.sink.abort()
 
     def _write(self, conn: Connection, chunks: Iterable[bytes], seq: int | None = None) -> str | None:
         """Write chunks to one connection; the reason it must be cut, or None. Changes no index."""
@@ -386,6 +380,15 @@ class Hub:
         self._heartbeat = None
         for conn in list(self.connections.values()):
             self.end(conn, "shutdown")
+
+
+def _run_hooks(hooks: Iterable[Callable[..., None]], *args: Any) -> None:
+    """Tell every hook; one that fails is logged and never stops the others, or the hub."""
+    for hook in hooks:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("a connection hook failed (%s)", getattr(hook, "__qualname__", hook))
 
 
 def _discard(index: dict[Any, set[Connection]], key: Any, conn: Connection) -> None:

@@ -152,6 +152,20 @@ def test_hub_dispatch_survives_a_connection_whose_filter_raises() -> None:
     assert len(good.received) == 1 and "bad" not in hub.connections
 
 
+def test_hub_a_failing_hook_spares_the_cut_and_the_other_connections() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=10)
+
+    def broken(conn: Connection, reason: str) -> None:
+        raise RuntimeError("a bug in a hook")
+
+    hub.on_cut.append(broken)
+    sinks = [FakeSink() for _ in range(3)]
+    for n, sink in enumerate(sinks):
+        hub.add(Connection(f"c{n}", f"u{n}", None, sink))
+    hub.dispatch([Event("custom.x", json.dumps({"pad": "x" * 100}), broadcast=True, id=1).delivery()])
+    assert len(hub) == 0 and hub.count_user("u0") == 0 and all(s.aborted for s in sinks)
+
+
 # --- 4. one bad id fails no other publisher -------------------------------------------------------
 
 
