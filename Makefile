@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test check lint typecheck format bench clean
+.PHONY: install serve test check lint typecheck format fuzz bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,9 +32,12 @@ test: $(STAMP)             ## lint, type-check and run the whole test suite
 	$(MAKE) lint typecheck
 	$(BIN)/pytest
 
+fuzz: $(STAMP)             ## long schemathesis + hypothesis runs (the tests marked slow); a few minutes
+	$(BIN)/pytest -m slow tests/test_openapi_fuzz.py tests/test_properties.py
+
 bench: $(STAMP)            ## ssebench S1 (broadcast) and S3 (idle memory); see benchmarks/README.md
 	benchmarks/ssebench.sh s1 50
 	benchmarks/ssebench.sh s3 10000
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info

@@ -39,6 +39,7 @@ class SSEParser:
     def __init__(self) -> None:
         self._buffer = ""
         self._after_cr = False
+        self._started = False  # a BOM is dropped only at the very start of the stream
         self._data: list[str] = []
         self._event = ""
         self._id: str | None = None
@@ -46,6 +47,12 @@ class SSEParser:
         self.last_event_id: str | None = None
 
     def feed(self, text: str) -> list[Message]:
+        if not text:
+            return []  # nothing: in particular, not the end of a CR awaiting its LF
+        if not self._started:
+            self._started = True
+            if text.startswith("\ufeff"):
+                text = text[1:]
         if self._after_cr and text.startswith("\n"):
             text = text[1:]  # the LF of a CRLF split across two reads
         self._after_cr = text.endswith("\r")
@@ -74,7 +81,7 @@ class SSEParser:
         elif name == "id" and "\x00" not in value:
             self._id = value
             self.last_event_id = value
-        elif name == "retry" and value.isdigit():
+        elif name == "retry" and value.isascii() and value.isdigit():
             self._retry = int(value)
         return None
 

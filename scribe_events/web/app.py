@@ -86,7 +86,7 @@ class ScribeApp:
                 allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
             )
         errors.install(self.api)
-        routes.install(self.api)
+        routes.install(self.api, settings)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":

@@ -10,10 +10,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from redis.exceptions import RedisError
 
 from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, Principal
+from scribe_events.config import Settings
 from scribe_events.control import ban_target
 from scribe_events.events import Event, TypeFilter, parse_publish, rfc3339
 from scribe_events.exceptions import (
@@ -34,16 +36,54 @@ from scribe_events.web.app_state import runtime_of
 
 MAX_TTL_S = 10 * 365 * 86_400  # a ban of ten years is "until lifted" for all purposes
 MAX_DAYS = 36_500.0
-_ERROR = {"content": {"application/json": {"example": {"error": {"code": "invalid_token", "message": "…"}}}}}
-_AUTH_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"description": "missing, bad or expired token", **_ERROR}
+# Every error, everywhere: {"error": {"code", "message"}} (see errors.py).
+_ERROR_BODY = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
 }
+_WHY = {
+    400: "bad request: invalid JSON, a malformed parameter, a token in the query string",
+    401: "missing, bad or expired token or ticket",
+    403: "lacking a role, banned, or naming another session than the token's",
+    404: "not found",
+    408: "the request's head or body did not arrive in time",
+    409: "an Idempotency-Key reused with another body, or still being stored",
+    413: "the body is over the limit",
+    422: "a field is invalid; the message starts with its name",
+    429: "too many streams or tickets (Retry-After)",
+    431: "the request's headers are over the limit",
+    503: "not ready, shutting down, a dependency unavailable or too many connections: retry (Retry-After)",
+}
+# What any request may be answered, before or beside its route: the protocol (408, 431, 503), the
+# body reader (400, 408, 413), admission (401, 403) and validation (422).
+_COMMON = (400, 401, 403, 408, 413, 422, 431, 503)
 
 
-async def authenticate(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
-    """The caller, from ``Authorization: Bearer <jwt>``; banned users and addresses get 403."""
+def _errors(*extra: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"description": _WHY[status], "content": {"application/json": {"schema": _ERROR_BODY}}}
+        for status in sorted({*_COMMON, *extra})
+    }
+
+
+_AUTH_ERRORS = _errors()
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <JWT>`")
+
+
+async def authenticate(
+    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None
+) -> Principal:
+    """The caller, from ``Authorization: Bearer <jwt>``; banned users and addresses get 403.
+    (The ``HTTPBearer`` dependency only documents the scheme; admission reads the header itself.)"""
     return await runtime_of(request).admission.caller(
-        authorization, request.client.host if request.client else None
+        request.headers.get("authorization"), request.client.host if request.client else None
     )
 
 
@@ -64,39 +104,51 @@ class PushModeIn(BaseModel):
     sse_percent: int = Field(100, ge=0, le=100)
 
 
+_ID = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"}
 _EVENT_SCHEMA = {
     "type": "object",
     "required": ["type"],
+    "additionalProperties": False,
     "properties": {
-        "type": {"type": "string", "example": "content.novel-created"},
-        "data": {"type": "object"},
-        "user_id": {"type": "string"},
-        "session_id": {"type": "string", "description": "only together with user_id"},
-        "broadcast": {"type": "boolean"},
-        "task_id": {"type": "string"},
-        "sensitive": {"type": "boolean"},
+        "type": {
+            "type": "string",
+            "maxLength": 200,
+            "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]*(\\.[A-Za-z0-9][A-Za-z0-9_-]*)+$",
+            "example": "content.novel-created",
+        },
+        "data": {"type": "object", "description": "at most 64 KiB encoded, nested at most 32 levels"},
+        "user_id": {**_ID, "description": "the audience: this user (all their connections)"},
+        "session_id": {**_ID, "description": "only together with user_id"},
+        "broadcast": {"type": "boolean", "description": "the audience: every connection"},
+        "sensitive": {"type": "boolean", "description": "encrypt at rest"},
         "persist": {"type": "boolean", "description": "custom types only; false = live only"},
     },
 }
-_PUBLISH_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "oneOf": [
-                        _EVENT_SCHEMA,
-                        {
-                            "type": "object",
-                            "required": ["events"],
-                            "properties": {"events": {"type": "array", "items": _EVENT_SCHEMA}},
-                        },
-                    ]
+
+
+def _publish_body(max_batch: int) -> dict[str, Any]:
+    batch = {"type": "array", "items": _EVENT_SCHEMA, "minItems": 1, "maxItems": max_batch}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            _EVENT_SCHEMA,
+                            {
+                                "type": "object",
+                                "required": ["events"],
+                                "additionalProperties": False,
+                                "properties": {"events": batch},
+                            },
+                        ]
+                    }
                 }
-            }
-        },
+            },
+        }
     }
-}
+
 
 router = APIRouter()
 
@@ -106,10 +158,11 @@ router = APIRouter()
     tags=["stream"],
     summary="Open the event stream (text/event-stream)",
     response_class=Response,
-    responses={200: {"content": {"text/event-stream": {}}}, **_AUTH_ERRORS},
+    responses={200: {"content": {"text/event-stream": {}}}, **_errors(429)},
 )
 async def open_stream(
     request: Request,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
     session_id: str | None = None,
     types: Annotated[str | None, Query(description="comma-separated globs, e.g. task.*")] = None,
     last_event_id: str | None = None,
@@ -120,7 +173,7 @@ async def open_stream(
     raise NotReady("the service is starting")
 
 
-@router.post("/api/v1/events/tickets", tags=["stream"], response_model=TicketOut, responses=_AUTH_ERRORS)
+@router.post("/api/v1/events/tickets", tags=["stream"], response_model=TicketOut, responses=_errors(429))
 async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
     """A single-use ticket (30 s) for `GET /api/v1/events/stream?ticket=…`, for `EventSource`."""
     rt = runtime_of(request)
@@ -135,8 +188,8 @@ async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
     tags=["publish"],
     status_code=202,
     response_model=PublishedOut,
-    openapi_extra=_PUBLISH_BODY,
-    responses={**_AUTH_ERRORS, 403: _ERROR, 409: _ERROR, 413: _ERROR, 422: _ERROR, 503: _ERROR},
+    openapi_extra=_publish_body(Settings.model_fields["max_batch_events"].default),
+    responses=_errors(409),
 )
 async def publish(
     request: Request,
@@ -211,7 +264,7 @@ async def client_config(request: Request, principal: Caller) -> dict[str, Any]:
     return runtime_of(request).service.config_for(principal)
 
 
-@router.put("/api/v1/admin/push-mode", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+@router.put("/api/v1/admin/push-mode", tags=["admin"], responses=_AUTH_ERRORS)
 async def set_push_mode(request: Request, principal: Caller, body: PushModeIn) -> dict[str, Any]:
     """Switch between SSE and polling at run time (`sse_percent` for A/B tests); connected clients
     are told with `system.push-mode`."""
@@ -254,12 +307,12 @@ def _failure_out(f: FailedDelivery) -> dict[str, Any]:
     }
 
 
-@router.get("/api/v1/admin/events/failed", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+@router.get("/api/v1/admin/events/failed", tags=["admin"], responses=_AUTH_ERRORS)
 async def list_failed(
     request: Request,
     principal: Caller,
     user_id: Annotated[str | None, Query(max_length=200)] = None,
-    event_id: Annotated[list[int] | None, Query(max_length=1000)] = None,
+    event_id: Annotated[list[EventId] | None, Query(max_length=1000)] = None,
     since: datetime | None = None,
     include_resent: bool = False,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
@@ -276,7 +329,7 @@ async def list_failed(
     return {"failed": [_failure_out(f) for f in found]}
 
 
-@router.post("/api/v1/admin/events/resend", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+@router.post("/api/v1/admin/events/resend", tags=["admin"], responses=_AUTH_ERRORS)
 async def resend(request: Request, principal: Caller, body: ResendIn) -> dict[str, Any]:
     """Send failed deliveries again (by event ids, by user, since a time); `dry_run` lists them."""
     principal.require(ROLE_ADMIN)
@@ -296,14 +349,14 @@ async def resend(request: Request, principal: Caller, body: ResendIn) -> dict[st
     }
 
 
-@router.post("/api/v1/admin/events/purge", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+@router.post("/api/v1/admin/events/purge", tags=["admin"], responses=_AUTH_ERRORS)
 async def purge(request: Request, principal: Caller, body: PurgeIn) -> dict[str, Any]:
     """Delete stored events older than `older_than_days` now (retention does this every hour)."""
     principal.require(ROLE_ADMIN)
     return await runtime_of(request).service.purge(body.older_than_days, dry_run=body.dry_run)
 
 
-@router.get("/api/v1/admin/connections", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+@router.get("/api/v1/admin/connections", tags=["admin"], responses=_AUTH_ERRORS)
 async def list_connections(
     request: Request,
     principal: Caller,
@@ -352,14 +405,14 @@ def _target(user_id: str | None, ip: str | None) -> str:
         ) from None
 
 
-@router.get("/api/v1/admin/bans", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR})
+@router.get("/api/v1/admin/bans", tags=["admin"], responses=_AUTH_ERRORS)
 async def list_bans(request: Request, principal: Caller) -> dict[str, Any]:
     """Users and addresses refused on every instance (R8.5)."""
     principal.require(ROLE_ADMIN)
     return {"bans": [_ban_out(b) for b in runtime_of(request).control.active_bans()]}
 
 
-@router.post("/api/v1/admin/bans", tags=["admin"], status_code=201, responses={**_AUTH_ERRORS, 403: _ERROR})
+@router.post("/api/v1/admin/bans", tags=["admin"], status_code=201, responses=_AUTH_ERRORS)
 async def add_ban(request: Request, principal: Caller, body: BanIn) -> dict[str, Any]:
     """Ban a user or an address: its open streams close, and it is refused until lifted (or ``ttl_s``)."""
     principal.require(ROLE_ADMIN)
@@ -367,7 +420,7 @@ async def add_ban(request: Request, principal: Caller, body: BanIn) -> dict[str,
     return _ban_out(ban)
 
 
-@router.delete("/api/v1/admin/bans", tags=["admin"], responses={**_AUTH_ERRORS, 403: _ERROR, 404: _ERROR})
+@router.delete("/api/v1/admin/bans", tags=["admin"], responses=_errors(404))
 async def remove_ban(
     request: Request,
     principal: Caller,
@@ -435,5 +488,16 @@ async def index() -> HTMLResponse:
     return HTMLResponse((Path(__file__).parent.parent / "static" / "index.html").read_text())
 
 
-def install(app: FastAPI) -> None:
+def install(app: FastAPI, settings: Settings) -> None:
     app.include_router(router)
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """The document, with this deployment's batch limit in the publish body."""
+        if app.openapi_schema is None:
+            doc = generate()
+            body = doc["paths"]["/api/v1/events"]["post"]["requestBody"]["content"]["application/json"]
+            body["schema"]["oneOf"][1]["properties"]["events"]["maxItems"] = settings.max_batch_events
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]
