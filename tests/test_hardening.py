@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sqlite3
 import time
 from pathlib import Path
@@ -503,3 +504,26 @@ def test_cancel_reports_a_task_that_failed(caplog: pytest.LogCaptureFixture) -> 
     before = CRASHES["test-boom"]
     asyncio.run(run())
     assert CRASHES["test-boom"] == before + 1 and "background task test-boom crashed" in caplog.text
+
+
+def test_a_body_that_never_finishes_is_408(make_server: MakeServer) -> None:
+    server = make_server(body_timeout_s=0.5)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        head = (
+            "POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {server.publisher()}\r\nContent-Length: 100\r\n\r\n"
+        )
+        sock.sendall(head.encode() + b'{"type": ')
+        started = time.monotonic()
+        answer = b""
+        while b"request_timeout" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer
+        assert time.monotonic() - started < 3
+        sock.settimeout(2)
+        while sock.recv(65536):  # then the server closes the connection
+            pass
+    assert server.publish({"type": "custom.x", "user_id": "u"}).status_code == 202

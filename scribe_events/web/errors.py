@@ -43,6 +43,8 @@ async def send_error(
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
     headers += list(extra_headers)
+    if exc.status in (408, 413):  # the body was not read to its end: the connection cannot go on
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
