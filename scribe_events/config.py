@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     access_log: bool = True
     # Freeze start-up objects out of the garbage collector's view (shorter full collections).
     gc_freeze: bool = True
-    # Fault injection for the test suite (e.g. "kill_after_commit"); never set in production.
+    # Fault injection for the test suite ("kill_after_commit", "pause_before_commit",
+    # "pause_after_commit"); refused in production.
     faults: list[str] = Field(default_factory=list)
 
     @classmethod

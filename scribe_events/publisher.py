@@ -41,6 +41,9 @@ log = logging.getLogger("scribe_events.publisher")
 
 WATERMARK = "published_through"
 RELAY_PAGE = 1000
+# The "pause_before_commit" and "pause_after_commit" faults (tests: what the publish lock orders).
+PAUSE_BEFORE_COMMIT_S = 0.5
+PAUSE_AFTER_COMMIT_S = 1.0
 CLOSE_TIMEOUT_S = 30.0  # finishing accepted events at shutdown; then they are answered 503
 
 
@@ -200,6 +203,8 @@ class Publisher:
                 if self.broker.shared:
                     await self._quietly(self._sync_shared_watermark())
                 try:
+                    if "pause_before_commit" in self.faults and important:
+                        await asyncio.sleep(PAUSE_BEFORE_COMMIT_S)  # fault injection: a slow commit
                     if important or claims:
                         await self.store.append(important, claims)
                 except (ServiceUnavailable, StoreRejected) as exc:
@@ -210,6 +215,8 @@ class Publisher:
                     self.stored += len(important)
                     if "kill_after_commit" in self.faults and important:
                         os.kill(os.getpid(), signal.SIGKILL)  # fault injection: between commit and publish
+                    if "pause_after_commit" in self.faults and important:
+                        await asyncio.sleep(PAUSE_AFTER_COMMIT_S)  # fault injection: a slow publish
                     # From here on the events are stored: whatever fails, publishers get their ids.
                     live_sent = await self._publish(events)
                     if self.broker.shared:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -85,6 +86,11 @@ class ThreadServer:
     @property
     def runtime(self) -> Any:
         return self.server.scribe_app.runtime
+
+    def call(self, coro: Any, timeout: float = 10) -> Any:
+        """Run a coroutine on the server's own event loop (to drive its parts directly) and wait."""
+        loop = self.runtime.hub._heartbeat.get_loop()
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
 
     def connections(self) -> int:
         return int(httpx.get(self.url + "/health").json()["connections"])

@@ -416,3 +416,39 @@ def test_redis_tickets_per_user_are_capped_on_every_instance(
 
         assert [mint(one, "alice"), mint(two, "alice"), mint(one, "alice")] == [200, 200, 429]
         assert mint(two, "bob") == 200
+
+
+def test_redis_publish_lock_keeps_ids_rising_across_instances(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    """Two checks the outbox and then pauses before its COMMIT (a fault); one commits during that
+    pause and pauses after its COMMIT, before its PUBLISH. Without the publish lock two's later id
+    reaches Redis first, and every stream then skips one's event as already seen."""
+    one = ProcessServer(
+        tmp_path, env=_env(pg_schema, redis_prefix, "one", SCRIBE_EVENTS_FAULTS='["pause_after_commit"]')
+    )
+    two = ProcessServer(
+        tmp_path, env=_env(pg_schema, redis_prefix, "two", SCRIBE_EVENTS_FAULTS='["pause_before_commit"]')
+    )
+    try:
+        one.start()
+        two.start()
+        with _stream(one, "alice") as on_one, _stream(two, "alice") as on_two:
+            ids: dict[str, str] = {}
+            second = threading.Thread(
+                target=lambda: ids.update(two=_publish(two, {"type": "custom.two", "user_id": "alice"})[0])
+            )
+            second.start()
+            time.sleep(0.15)  # two is inside its pause before COMMIT
+            ids["one"] = _publish(one, {"type": "custom.one", "user_id": "alice"})[0]
+            second.join(10)
+            expected = sorted(ids.values(), key=int)
+            for s in (on_one, on_two):
+                s.read_count(2, timeout=5)
+                s.idle(0.3)
+                assert [m.id for m in s.events()] == expected
+    finally:
+        for server in (one, two):
+            if server.proc is not None:
+                server.stop()
+            server.close()
