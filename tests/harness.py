@@ -26,6 +26,17 @@ from scribe_events.server import build_server
 SECRET = "test-secret-" + "x" * 60
 
 
+class IsolatedSettings(Settings):
+    """Settings from what the test says only: never the runner's SCRIBE_EVENTS_*, .env or
+    scribe-events.toml (a variable in the shell must not change what a test checks)."""
+
+    model_config = {**Settings.model_config, "env_file": None, "toml_file": None}  # type: ignore[typeddict-item]
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: Any, init_settings: Any, **_: Any) -> tuple[Any, ...]:
+        return (init_settings,)
+
+
 def bound_socket() -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -56,9 +67,10 @@ class ThreadServer:
             "access_log": False,
             "log_level": "warning",
             "instance_id": "test-instance",
+            "gc_freeze": False,  # gc.freeze() is for a server process, not for the test runner's
         }
         values.update(self.overrides)
-        return Settings(**values)
+        return IsolatedSettings(**values)
 
     def start(self) -> ThreadServer:
         self.sock = bound_socket()

@@ -51,3 +51,17 @@ def test_settings_read_toml_and_dotenv(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert s.retention_days == 5  # .env wins over the toml file
     monkeypatch.setenv("SCRIBE_EVENTS_RETENTION_DAYS", "9")
     assert Settings().retention_days == 9  # and the environment over both
+
+
+def test_test_servers_ignore_the_runners_environment_and_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.harness import ThreadServer
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SCRIBE_EVENTS_POLL_INTERVAL_S", "5")
+    (tmp_path / ".env").write_text("SCRIBE_EVENTS_HEARTBEAT_S=1\n")
+    (tmp_path / "scribe-events.toml").write_text("retry_ms = 7\n")
+    settings = ThreadServer(tmp_path / "x.db").settings()
+    assert (settings.poll_interval_s, settings.heartbeat_s, settings.retry_ms) == (30, 30.0, 3000)
+    assert settings.gc_freeze is False
