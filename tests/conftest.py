@@ -74,3 +74,24 @@ def store_config(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, An
         return {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"}
     schema = request.getfixturevalue("pg_schema")
     return {"database_url": PG_URL, "database_schema": schema, "auto_migrate": True}
+
+
+_SERVICES = {
+    "PostgreSQL": "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
+    "Redis": 'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
+}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line at the end for tests skipped because a service is not running (CI requires them)."""
+    counts = dict.fromkeys(_SERVICES, 0)
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        for service in _SERVICES:
+            if f"{service} unreachable" in reason:
+                counts[service] += 1
+    missing = {s: n for s, n in counts.items() if n}
+    if missing:
+        said = ", ".join(f"{n} for {s}" for s, n in missing.items())
+        start = " and ".join(f"`{_SERVICES[s]}`" for s in missing)
+        terminalreporter.write_line(f"skipped {said} (not running); start with {start}", yellow=True)
