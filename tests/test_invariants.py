@@ -135,3 +135,26 @@ def test_replay_seam_event_committed_just_before_the_last_read_comes_once(server
 def test_replay_seam_event_committed_just_after_the_last_read_is_not_lost(make_server: MakeServer) -> None:
     got, expected = _seam(make_server(), before_read=False)
     assert got == expected
+
+
+def test_delivered_counts_each_event_written_to_each_stream_once(server: ThreadServer) -> None:
+    def delivered() -> float:
+        for line in httpx.get(server.url + "/metrics").text.splitlines():
+            if line.startswith("scribe_events_events_delivered_total"):
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError("no scribe_events_events_delivered_total")
+
+    streams = [server.stream(f"u{n}", path="/api/v1/events/stream?types=custom.*") for n in range(3)]
+    try:
+        for s in streams:
+            s.read_count(1, event="connection.established")
+        before = delivered()
+        server.publish_ok({"events": [{"type": "custom.all", "broadcast": True}] * 2})
+        server.publish_ok({"type": "other.skipped", "broadcast": True})  # filtered out: not delivered
+        server.publish_ok({"type": "custom.one", "user_id": "u1"})
+        for s in streams:
+            s.read_count(3 if s is streams[1] else 2)
+        assert delivered() - before == 3 * 2 + 1
+    finally:
+        for s in streams:
+            s.close()
