@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shlex
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -84,14 +86,24 @@ def serve(
     )
     asyncio.run(preflight(settings))
     if settings.is_default_setup:
-        _welcome(settings)
+        _welcome(settings, _bound_to(fd) if fd is not None else (settings.host, settings.port))
     run(settings, fd=fd)
 
 
-def _welcome(settings: Any) -> None:
+def _bound_to(fd: int) -> tuple[str, int]:
+    """Where an inherited socket (``--fd``) listens, so the welcome names the real address."""
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        host, port = sock.getsockname()[:2]
+    finally:
+        sock.close()
+    return str(host), int(port)
+
+
+def _welcome(settings: Any, where: tuple[str, int]) -> None:
     secret = settings.signing_secret(create=True)
     demo = mint_token(secret, "demo", ttl_s=24 * 3600)
-    base = f"http://{settings.host}:{settings.port}"
+    base = f"http://{where[0]}:{where[1]}"
     console.print(
         Panel(
             f"[bold]Open[/] {base}/   (API docs: {base}/docs)\n"

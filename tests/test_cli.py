@@ -13,7 +13,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.harness import ProcessServer, cli, free_port, wait_for
+from tests.harness import ProcessServer, cli, wait_for
 
 
 def _lines_of(proc: subprocess.Popen[str], into: list[str]) -> threading.Thread:
@@ -42,8 +42,8 @@ def _end(proc: subprocess.Popen[str]) -> None:
 
 
 def test_cli_first_run_curl_line_shows_stream_and_published_events(tmp_path: Path) -> None:
-    port = free_port()
-    server = ProcessServer(tmp_path, args=["--heartbeat", "0.5"], port=port).start()
+    server = ProcessServer(tmp_path, args=["--heartbeat", "0.5"]).start()  # on a socket we hold
+    port = server.port
     try:
         text = server.text()
         assert f"http://127.0.0.1:{port}/" in text
@@ -88,9 +88,8 @@ def test_cli_first_run_curl_line_shows_stream_and_published_events(tmp_path: Pat
 
 
 def test_cli_tail_resumes_with_last_event_id_across_a_restart(tmp_path: Path) -> None:
-    port = free_port()
-    url = ["--url", f"http://127.0.0.1:{port}"]
-    server = ProcessServer(tmp_path, port=port).start()
+    server = ProcessServer(tmp_path).start()  # the test holds the socket: the restart gets it back
+    url = ["--url", server.url]
     tail, tail_out = _spawn(
         [sys.executable, "-m", "scribe_events_cli", "tail", "--user", "demo", "--json", *url], tmp_path
     )
@@ -104,7 +103,7 @@ def test_cli_tail_resumes_with_last_event_id_across_a_restart(tmp_path: Path) ->
         )
         wait_for(lambda: any('"n": 1' in line for line in tail_out), timeout=5)
         server.stop()
-        server = ProcessServer(tmp_path, port=port).start()
+        server.start()
         # Published before tail is back: it must arrive by replay, exactly once.
         for n in (2, 3):
             assert (
@@ -207,7 +206,7 @@ def test_cli_serve_refuses_an_unmigrated_postgresql_schema_with_one_line(
     out = cli(
         "serve",
         "--port",
-        str(free_port()),
+        "0",  # never bound: it refuses first
         cwd=tmp_path,
         env={
             "SCRIBE_EVENTS_DATABASE_URL": PG_URL,

@@ -20,7 +20,7 @@ import redis
 
 from scribe_events.auth import mint_token
 from tests.conftest import PG_URL, REQUIRE_SERVICES, _pg_execute
-from tests.harness import SECRET, ProcessServer, RawStream, cli, free_port, wait_for
+from tests.harness import SECRET, ProcessServer, RawStream, bound_socket, cli, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -290,6 +290,22 @@ def _redis_server(port: int) -> subprocess.Popen[bytes]:
     return proc
 
 
+def _redis_on_socket(path: Path) -> subprocess.Popen[bytes]:
+    """A private redis-server on a Unix socket of this test's own: no TCP port to pick and hope
+    nobody takes before a restart."""
+    proc = subprocess.Popen(
+        ["redis-server", "--port", "0", "--unixsocket", str(path), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    client = redis.Redis(unix_socket_path=str(path))
+    try:
+        wait_for(lambda: _pings(client), timeout=5)
+    finally:
+        client.close()
+    return proc
+
+
 def _pings(client: redis.Redis) -> bool:
     try:
         return bool(client.ping())
@@ -300,9 +316,9 @@ def _pings(client: redis.Redis) -> bool:
 def test_redis_restart_mid_stream_loses_no_important_event(
     tmp_path: Path, pg_schema: str, redis_prefix: str
 ) -> None:
-    port = free_port()
-    own_redis = _redis_server(port)
-    url = f"redis://127.0.0.1:{port}/0"
+    path = tmp_path / "redis.sock"
+    own_redis = _redis_on_socket(path)
+    url = f"unix://{path}"
     servers: list[ProcessServer] = []
     try:
         for name in ("one", "two"):
@@ -328,7 +344,7 @@ def test_redis_restart_mid_stream_loses_no_important_event(
             ]
             # ...and the open stream on the other instance still gets them, from the store.
             s.read_count(6, timeout=5)
-            own_redis = _redis_server(port)
+            own_redis = _redis_on_socket(path)
             wait_for(lambda: httpx.get(one.url + "/health/ready").status_code == 200, timeout=15)
             sent += _publish(two, {"type": "custom.n", "user_id": "alice", "data": {"n": 6}})
             s.read_count(7, timeout=15)
@@ -346,17 +362,26 @@ def test_redis_restart_mid_stream_loses_no_important_event(
 def test_redis_down_at_start_still_serves_and_reports_not_ready(
     tmp_path: Path, pg_schema: str, redis_prefix: str
 ) -> None:
-    dead = f"redis://127.0.0.1:{free_port()}/0"
+    nobody = bound_socket()  # bound, never listening, held by the test: connections are refused
+    dead = f"redis://127.0.0.1:{nobody.getsockname()[1]}/0"
     server = ProcessServer(tmp_path, env=_env(pg_schema, redis_prefix, "lonely", redis_url=dead)).start()
     try:
         ready = httpx.get(server.url + "/health/ready")
         assert ready.status_code == 503 and ready.json()["dependencies"]["broker"] == "down"
         assert httpx.get(server.url + "/health").status_code == 200
-        with _stream(server, "alice"):
-            pass
+        with _stream(server, "alice") as alice:
+            # Events are accepted (stored) and still reach the stream, read from the store.
+            sent = [
+                _publish(server, {"type": "custom.n", "user_id": "alice", "data": {"n": n}})[0]
+                for n in range(3)
+            ]
+            alice.read_count(3, timeout=5)
+            alice.idle(0.4)
+            assert [m.id for m in alice.events()] == sent
     finally:
         server.stop()
         server.close()
+        nobody.close()
 
 
 def test_redis_two_deployments_sharing_a_prefix_ignore_each_other(
@@ -395,7 +420,7 @@ def test_redis_with_sqlite_is_refused_at_start(tmp_path: Path, redis_prefix: str
     out = cli(
         "serve",
         "--port",
-        str(free_port()),
+        "0",  # never bound: it refuses first
         cwd=tmp_path,
         env={"SCRIBE_EVENTS_REDIS_URL": REDIS_URL, "SCRIBE_EVENTS_REDIS_PREFIX": redis_prefix},
     )
