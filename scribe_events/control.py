@@ -143,5 +143,7 @@ class Control:
         else:
             doomed = [c for c in self.hub.connections.values() if c.ip == value]
         for conn in doomed:
+            if conn.is_admin:
+                continue  # admins are never refused (check), so their streams stay too
             log.warning("closing connection %s of banned %s", conn.id, ban.target)
             self.hub.cut(conn, "banned")
