@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 
+from scribe_events import sse
 from scribe_events.broker import MemoryBroker
 from scribe_events.config import Settings
 from scribe_events.control import Control
-from scribe_events.events import Delivery, Event
+from scribe_events.events import Delivery, Event, TypeFilter
 from scribe_events.hub import Connection, Hub
 from scribe_events.state import Ban, MemoryState
 
@@ -129,3 +130,44 @@ def test_hub_system_error_overtakes_a_replay_without_moving_last_event_id() -> N
         pass
     assert [b"id: 6" in c for c in sink.received[1:]] == [True, False]
     assert b"id: 7\n" in sink.received[2]  # and again in order, with its id
+
+
+def _healthy() -> FakeSink:
+    sink = FakeSink()
+    sink.accepts = True
+    return sink
+
+
+def test_hub_a_filtered_connection_never_spares_the_others() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    sinks = [_healthy() for _ in range(20)]
+    for n, sink in enumerate(sinks):
+        wanted = TypeFilter.parse("custom.*" if n % 2 else "other.*")
+        hub.add(Connection(f"c{n}", f"u{n}", None, sink, types=wanted))
+    hub.dispatch([Event("custom.x", "{}", broadcast=True, id=1).delivery()])
+    assert [len(s.received) for s in sinks] == [n % 2 for n in range(20)]
+
+
+def test_hub_heartbeat_cuts_a_broken_connection_and_beats_the_others() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    broken, fine = _healthy(), _healthy()
+    broken.closing = True  # its writes raise, as on a transport that is going away
+    hub.add(Connection("broken", "u1", None, broken))
+    hub.add(Connection("fine", "u2", None, fine))
+    hub.heartbeat()
+    assert list(hub.connections) == ["fine"] and len(fine.received) == 1
+
+
+def test_hub_expired_token_ends_the_stream_cleanly_even_on_a_closing_socket() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    reasons: list[str | None] = []
+    hub.on_remove.append(lambda c: reasons.append(c.closed_reason))
+    gone, closing, kept = _healthy(), _healthy(), _healthy()
+    closing.closing = True
+    hub.add(Connection("gone", "u1", None, gone, expires_at=1.0))
+    hub.add(Connection("closing", "u2", None, closing, expires_at=1.0))
+    hub.add(Connection("kept", "u3", None, kept, expires_at=None))
+    hub.heartbeat()  # must not raise for the socket that is closing
+    assert sorted(r or "" for r in reasons) == ["token_expired", "token_expired"]
+    assert gone.received[-1] == sse.CHUNK_END and gone.closing and not gone.aborted
+    assert list(hub.connections) == ["kept"] and len(kept.received) == 1

@@ -95,9 +95,12 @@ def test_two_users_with_the_same_session_id_see_only_their_own(server: ThreadSer
     assert not set(theirs) & {e["id"] for e in polled["events"] + bound["events"]}
 
 
-def _seam(server: ThreadServer, *, before_read: bool) -> tuple[list[str], list[str]]:
+def _seam(
+    server: ThreadServer, *, before_read: bool, after_read: bool = False
+) -> tuple[list[str], list[str]]:
     """Resume alice from her first event, and commit one more event at the seam: just before the
-    replay's last read (it is then both read and parked) or just after it (parked only)."""
+    replay's last read (it is then both read and parked) or just after it (parked only); with
+    both, the parked list holds a duplicate and then a new event."""
     sent = [
         server.publish_ok({"type": "custom.n", "user_id": "alice", "data": {"n": n}})[0] for n in range(3)
     ]
@@ -115,14 +118,14 @@ def _seam(server: ThreadServer, *, before_read: bool) -> tuple[list[str], list[s
         store.read = real_read
         if before_read:
             await commit_one()
-            return await real_read(**kw)
         page = await real_read(**kw)
-        await commit_one()
+        if after_read:
+            await commit_one()
         return page
 
     store.read = hooked
     with server.stream("alice", headers={"Last-Event-ID": sent[0]}) as s:
-        s.read_count(3)
+        s.read_count(2 + len(seam))
         s.idle(0.2)
         return [m.id for m in s.events()], [*sent[1:], *seam]
 
@@ -133,8 +136,13 @@ def test_replay_seam_event_committed_just_before_the_last_read_comes_once(server
 
 
 def test_replay_seam_event_committed_just_after_the_last_read_is_not_lost(make_server: MakeServer) -> None:
-    got, expected = _seam(make_server(), before_read=False)
+    got, expected = _seam(make_server(), before_read=False, after_read=True)
     assert got == expected
+
+
+def test_replay_seam_a_duplicate_parked_before_a_new_event_loses_nothing(make_server: MakeServer) -> None:
+    got, expected = _seam(make_server(), before_read=True, after_read=True)
+    assert len(expected) == 4 and got == expected
 
 
 def test_delivered_counts_each_event_written_to_each_stream_once(server: ThreadServer) -> None:
