@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test check lint typecheck format fuzz bench clean
+.PHONY: install serve test check lint typecheck format fuzz faults mutation bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,18 @@ test: $(STAMP)             ## lint, type-check and run the whole test suite
 fuzz: $(STAMP)             ## long schemathesis + hypothesis runs (the tests marked slow); a few minutes
 	$(BIN)/pytest -m slow tests/test_openapi_fuzz.py tests/test_properties.py
 
+faults: $(STAMP)           ## the fault suite with its heavy variants (3 instances, 200 clients); a few minutes
+	$(BIN)/pytest -m 'slow or not slow' -s tests/faults
+
+# Mutation testing of the core modules (configured in pyproject's [tool.mutmut]); long: run one
+# module at a time, e.g. make mutation MUTANTS='scribe_events.hub.*'; then .venv/bin/mutmut results.
+MUTANTS ?=
+mutation: $(STAMP)         ## mutmut on hub, store, publisher and broker (MUTANTS= a name glob)
+	$(BIN)/mutmut run $(MUTANTS)
+
 bench: $(STAMP)            ## ssebench S1 (broadcast) and S3 (idle memory); see benchmarks/README.md
 	benchmarks/ssebench.sh s1 50
 	benchmarks/ssebench.sh s3 10000
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants *.egg-info

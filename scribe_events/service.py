@@ -15,13 +15,14 @@ from scribe_events.broker import Broker
 from scribe_events.config import Settings
 from scribe_events.control import Control
 from scribe_events.events import Event, TypeFilter, dumps, now_ms, rfc3339
-from scribe_events.exceptions import BadRequest, Conflict, ValidationFailed
+from scribe_events.exceptions import BadRequest, Conflict, ServiceUnavailable, ValidationFailed
 from scribe_events.failures import UNSENDABLE
 from scribe_events.publisher import Publisher, settle
 from scribe_events.registry import Registry
-from scribe_events.state import SharedState
+from scribe_events.state import IDEMPOTENCY_CLAIM_S, SharedState
 from scribe_events.store import EventStore, FailedDelivery, IdempotencyRecord
 from scribe_events.store.retention import cutoff_for
+from scribe_events.tasks import cancel, spawn
 
 log = logging.getLogger("scribe_events.service")
 
@@ -90,6 +91,7 @@ class EventService:
                 _check_same(record.request_hash, request_hash)
                 return list(record.ids)
             if await self.state.claim(*slot):
+                renewing = spawn(self._keep_claim(slot), "scribe-idempotency-claim")
                 try:
                     if (record := await self.store.idempotency(*slot)) is not None:
                         _check_same(record.request_hash, request_hash)
@@ -97,11 +99,20 @@ class EventService:
                     claim = IdempotencyRecord(slot[0], slot[1], request_hash, ())
                     return await self.publisher.submit(events, claim)
                 finally:
+                    await cancel(renewing)
                     await self.state.release(*slot)
             await asyncio.sleep(0.05)  # another instance is storing this very request
         raise Conflict(
             "a request with this Idempotency-Key is still being stored; retry", code="idempotency_busy"
         )
+
+    async def _keep_claim(self, slot: tuple[str, str]) -> None:
+        while True:
+            await asyncio.sleep(IDEMPOTENCY_CLAIM_S / 3)
+            try:
+                await self.state.renew(*slot)
+            except ServiceUnavailable as exc:  # Redis away: the claim may lapse; the store still answers
+                log.warning("could not renew an Idempotency-Key claim: %s", exc)
 
     async def plan_resume(self, last_event_id: str | None) -> ResumePlan:
         if last_event_id is None:

@@ -23,7 +23,9 @@ from scribe_events.constants import RedisKeys
 from scribe_events.exceptions import BrokerUnavailable, InvalidToken, RateLimited
 
 MAX_TICKETS = 100_000
-IDEMPOTENCY_CLAIM_S = 60
+# An Idempotency-Key claim lives this long unless its holder renews it (every third of it) while
+# it stores the request: an instance that dies holding one blocks a retry elsewhere only briefly.
+IDEMPOTENCY_CLAIM_S = 3.0
 
 
 @dataclass(slots=True)
@@ -78,6 +80,9 @@ class SharedState(abc.ABC):
 
     @abc.abstractmethod
     async def release(self, owner: str, key: str) -> None: ...
+
+    async def renew(self, owner: str, key: str) -> None:  # noqa: B027 - in-process claims need none
+        """Keep a claim alive while its request is being stored."""
 
 
 class MemoryState(SharedState):
@@ -218,9 +223,17 @@ class RedisState(SharedState):
     async def claim(self, owner: str, key: str) -> bool:
         done = await self._call(
             "idempotency",
-            self.client.set(self.keys.idempotency(owner, key), b"1", nx=True, ex=IDEMPOTENCY_CLAIM_S),
+            self.client.set(
+                self.keys.idempotency(owner, key), b"1", nx=True, px=int(IDEMPOTENCY_CLAIM_S * 1000)
+            ),
         )
         return bool(done)
+
+    async def renew(self, owner: str, key: str) -> None:
+        await self._call(
+            "idempotency",
+            self.client.pexpire(self.keys.idempotency(owner, key), int(IDEMPOTENCY_CLAIM_S * 1000)),
+        )
 
     async def release(self, owner: str, key: str) -> None:
         await self._call("idempotency", self.client.delete(self.keys.idempotency(owner, key)))

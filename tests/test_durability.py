@@ -384,3 +384,36 @@ def test_admin_purge_endpoint(make_server: MakeServer) -> None:
     # A client resuming from before the purge is told so.
     with server.stream("demo", headers={"Last-Event-ID": "1"}) as s:
         assert s.read_count(1, event="replay.truncated")[0].json()["last_event_id"] == "1"
+
+
+def test_instances_starting_together_on_a_fresh_postgresql_schema_migrate_once(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    env = {
+        "SCRIBE_EVENTS_DATABASE_URL": PG_URL,
+        "SCRIBE_EVENTS_DATABASE_SCHEMA": pg_schema,
+        "SCRIBE_EVENTS_AUTO_MIGRATE": "true",
+        "SCRIBE_EVENTS_JWT_SECRET": SECRET,
+    }
+    servers = [ProcessServer(tmp_path, env={**env, "SCRIBE_EVENTS_INSTANCE_ID": f"i{n}"}) for n in range(3)]
+    errors: list[BaseException] = []
+
+    def start(server: ProcessServer) -> None:
+        try:
+            server.start()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert errors == []  # before the migration lock, one raced on CREATE TABLE alembic_version
+        assert [r["version_num"] for r in _pg_rows(pg_schema, "SELECT version_num FROM alembic_version")]
+    finally:
+        for server in servers:
+            if server.proc is not None:
+                server.stop()
+            server.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -11,6 +13,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 SCRIPT_LOCATION = "scribe_events.store:migrations"
+MIGRATE_LOCK = 0x5CE3  # first key of the advisory lock held while migrating (see store/sql.py for 0x5CE1-2)
 
 
 def alembic_config(schema: str | None = None) -> Config:
@@ -46,7 +49,14 @@ async def upgrade(engine: AsyncEngine, schema: str | None = None, revision: str 
         command.upgrade(config, revision)
 
     async with engine.begin() as conn:
-        if schema and engine.dialect.name == "postgresql":
-            await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        if engine.dialect.name == "postgresql":
+            # Instances starting together migrate one after another: the others then find the
+            # schema current (without the lock two raced on CREATE TABLE alembic_version).
+            key = zlib.crc32((schema or "public").encode()) & 0x7FFFFFFF
+            await conn.execute(
+                sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": MIGRATE_LOCK, "key": key}
+            )
+            if schema:
+                await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
         await conn.run_sync(run)
     return await current(engine, schema)
