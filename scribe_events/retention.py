@@ -36,7 +36,7 @@ class RetentionJob:
             try:
                 await self.run_once()
             except StoreUnavailable as exc:
-                log.error("retention run failed: %s", exc)
+                log.error("retention run failed: %s (%s)", exc, exc.__cause__)
             await asyncio.sleep(self.interval_s)
 
     async def run_once(self) -> int:

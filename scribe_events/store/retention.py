@@ -97,20 +97,25 @@ async def purge(engine: AsyncEngine, dialect: str, cutoff_ms: int, progress: Pro
         total, newest = (
             await conn.execute(sa.select(sa.func.count(), sa.func.max(events.c.id)).where(old))
         ).one()
-        if not total:
-            if progress:
-                progress(0, 0)
-            return 0
-        # The watermark goes first: a resume from before it answers replay.truncated.
-        await set_meta(conn, "purged_through", int(newest))
-    done = 0
-    if dialect == "postgresql":
-        async with engine.connect() as conn:
-            old_days = [
+        old_days = (
+            [
                 n
                 for n in sorted(await _partitions(conn))
                 if (d := _partition_day(n)) and d + DAY_MS <= cutoff_ms
             ]
+            if dialect == "postgresql"
+            else []
+        )
+        if not total and not old_days:
+            if progress:
+                progress(0, 0)
+            return 0
+        if total:
+            # The watermark goes first: a resume from before it answers replay.truncated.
+            await set_meta(conn, "purged_through", int(newest))
+    done = 0
+    if old_days:
+        # Also the old days left empty by an earlier run whose DROP could not get its lock.
         for name in old_days:
             # One short transaction per day: counting reads only that partition; the DROP holds the
             # parent's lock for a moment, and gives up (lock_timeout) rather than queue behind
