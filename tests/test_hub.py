@@ -171,3 +171,30 @@ def test_hub_expired_token_ends_the_stream_cleanly_even_on_a_closing_socket() ->
     assert sorted(r or "" for r in reasons) == ["token_expired", "token_expired"]
     assert gone.received[-1] == sse.CHUNK_END and gone.closing and not gone.aborted
     assert list(hub.connections) == ["kept"] and len(kept.received) == 1
+
+
+def test_hub_remote_ip_of_ipv4_and_ipv6_peers() -> None:
+    from scribe_events.hub import remote_ip
+
+    assert remote_ip("10.1.2.3:5000") == "10.1.2.3"
+    assert remote_ip("::1:5000") == "::1"  # as the scope gives an IPv6 peer: host, then port
+    assert remote_ip("fe80::1:2:443") == "fe80::1:2"
+    assert remote_ip("") == ""
+
+
+def test_hub_forgets_a_closed_connection_in_every_index() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    gone, stays = _healthy(), _healthy()
+    a = Connection("a", "alice", "s1", gone, remote="10.0.0.1:1000")
+    b = Connection("b", "alice", "s1", stays, remote="10.0.0.1:1001")
+    hub.add(a)
+    hub.add(b)
+    assert (hub.count_user("alice"), hub.count_ip("10.0.0.1")) == (2, 2)
+    hub.remove(a, "client_closed")
+    assert (hub.count_user("alice"), hub.count_ip("10.0.0.1")) == (1, 1)
+    hub.dispatch([Event("custom.x", "{}", user_id="alice", session_id="s1", id=1).delivery()])
+    assert (len(gone.received), len(stays.received)) == (0, 1)
+    hub.remove(b, "client_closed")
+    hub.remove(b, "client_closed")  # idempotent: counts never go below zero
+    assert (hub.count_user("alice"), hub.count_ip("10.0.0.1"), len(hub)) == (0, 0, 0)
+    assert hub._per_ip == {} and hub._by_session == {} and hub._by_user == {}
