@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 from scribe_events import sse
+from scribe_events.auth import Principal
 from scribe_events.config import Settings
 from scribe_events.events import TypeFilter, dumps, now_ms, rfc3339, sendable
 from scribe_events.exceptions import BadRequest, ScribeEventsError, ServiceUnavailable, ShuttingDown
@@ -73,12 +74,11 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
     headers = _headers(scope)
     cors = cors_headers(runtime.settings, headers.get(b"origin"))
     try:
-        conn_args, plan, last_id = await _accept(runtime, scope, headers)
+        principal, conn_args, plan, last_id = await _accept(runtime, scope, headers)
         if runtime.hub.closing:  # shutdown began while the request was being checked
             raise ShuttingDown("the server is shutting down")
         # Checked last, after every await, so concurrent opens cannot all slip under the caps.
-        runtime.admission.stream_room(conn_args.pop("principal"), conn_args["ip"])
-        del conn_args["ip"]
+        runtime.admission.stream_room(principal, _ip(scope))
     except ScribeEventsError as exc:
         await send_error(send, exc, cors)
         return None
@@ -123,7 +123,7 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
 
 async def _accept(
     runtime: Runtime, scope: dict[str, Any], headers: dict[bytes, bytes]
-) -> tuple[dict[str, Any], Any, str | None]:
+) -> tuple[Principal, dict[str, Any], Any, str | None]:
     """Check everything about the request before the 200 goes out."""
     if runtime.hub.closing:
         raise ShuttingDown("the server is shutting down")
@@ -133,9 +133,8 @@ async def _accept(
     if "token" in query or "access_token" in query:
         raise BadRequest("tokens are not accepted in the query string; use a ticket", code="token_in_query")
     client = scope.get("client")
-    ip = client[0] if client else None
     principal = await runtime.admission.caller(
-        _text(headers.get(b"authorization")), ip, ticket=query.get("ticket")
+        _text(headers.get(b"authorization")), _ip(scope), ticket=query.get("ticket")
     )
     session_id = runtime.admission.session(principal, query.get("session_id"))
     types = TypeFilter.parse(query.get("types"), max_globs=runtime.settings.max_type_globs)
@@ -152,10 +151,8 @@ async def _accept(
         "user_agent": (_text(headers.get(b"user-agent")) or "")[:500],
         "expires_at": principal.expires_at if runtime.settings.end_stream_at_token_expiry else None,
         "is_admin": principal.is_admin,
-        "principal": principal,
-        "ip": ip,
     }
-    return conn_args, plan, last_id
+    return principal, conn_args, plan, last_id
 
 
 async def _replay(runtime: Runtime, conn: Connection, after: int) -> None:
@@ -200,6 +197,11 @@ async def _drain(hub: Hub, conn: Connection) -> bool:
             return False
         await asyncio.sleep(0.005)
     return True
+
+
+def _ip(scope: dict[str, Any]) -> str | None:
+    client = scope.get("client")
+    return client[0] if client else None
 
 
 def _text(value: bytes | None) -> str | None:
