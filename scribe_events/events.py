@@ -235,9 +235,9 @@ class Event:
             self.live_id = f"L{next(_live_ids)}"
         return self.live_id
 
-    def envelope(self, wire_id: str | None = None) -> str:
+    def envelope(self) -> str:
         """The envelope as one line of JSON (routing lists are never part of it)."""
-        return '{"id":' + dumps(self.wire_id if wire_id is None else wire_id) + self.envelope_tail()
+        return '{"id":' + dumps(self.wire_id) + self.envelope_tail()
 
     def envelope_tail(self) -> str:
         """Everything of the envelope after its id: made once, when the event is checked, so
@@ -327,10 +327,15 @@ def sendable(events: Iterable[Event], on_skip: SkipHook | None = None) -> list[D
         try:
             out.append(e.delivery())
         except Exception as exc:
-            log.error("event %s of type %r cannot be sent; skipped: %s", e.wire_id, e.type, exc)
-            if on_skip is not None:
-                on_skip(e, exc)
+            skipped(e, exc, on_skip)
     return out
+
+
+def skipped(event: Event, exc: Exception, on_skip: SkipHook | None) -> None:
+    """Log and report an event that cannot be sent (the one place that says so)."""
+    log.error("event %s of type %r cannot be sent; skipped: %s", event.wire_id, event.type, exc)
+    if on_skip is not None:
+        on_skip(event, exc)
 
 
 # --- parsing what a publisher sent --------------------------------------------------------------

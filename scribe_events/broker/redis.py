@@ -35,7 +35,7 @@ from redis.exceptions import RedisError
 
 from scribe_events.broker.base import Broker, DeliverySink
 from scribe_events.constants import RedisKeys
-from scribe_events.events import Delivery, Event, SkipHook, sendable
+from scribe_events.events import Delivery, Event, SkipHook, sendable, skipped
 from scribe_events.store import Page
 from scribe_events.tasks import cancel, supervise
 
@@ -70,9 +70,7 @@ def encode(events: Sequence[Event], origin: int = 0, on_skip: SkipHook | None = 
             try:
                 _dumps(row := _row(e))
             except ValueError as exc:
-                log.error("event %s of type %r cannot be sent; skipped: %s", e.wire_id, e.type, exc)
-                if on_skip is not None:
-                    on_skip(e, exc)
+                skipped(e, exc, on_skip)
                 continue
             rows.append(row)
         body = _dumps(rows)

@@ -28,7 +28,7 @@ from scribe_events.exceptions import (
 )
 from scribe_events.ids import IDEMPOTENCY_KEY, check_ip, optional_text_id
 from scribe_events.metrics import CONTENT_TYPE, render
-from scribe_events.service import dump_with_raw, request_fingerprint
+from scribe_events.service import MAX_ID, dump_with_raw, request_fingerprint
 from scribe_events.state import Ban
 from scribe_events.store import FailedDelivery
 from scribe_events.web import stream
@@ -275,7 +275,7 @@ async def set_push_mode(request: Request, principal: Caller, body: PushModeIn) -
 
 
 UserId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
-EventId = Annotated[int, Field(ge=1, le=2**63 - 1)]
+EventId = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 class ResendIn(BaseModel):
