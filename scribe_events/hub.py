@@ -308,7 +308,7 @@ class Hub:
         """
         problem = self._write(conn, chunks, seq)
         if problem is not None:
-            self._cut_all([(conn, problem)])
+            self.cut(conn, problem)
             return False
         return True
 
