@@ -7,6 +7,7 @@ SHELL  := bash
 .SHELLFLAGS := -eo pipefail -c
 # pip warns once per package about an index folder in some machines' pip configuration that does
 # not exist ("Location … is ignored"): that is the machine's, not ours, and is kept off the screen.
+# setuptools' editable build warns about the checkout's folders (PYTHONWARNINGS=ignore, build only).
 QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 
 .PHONY: install serve test check lint typecheck format fuzz faults mutation bench clean
@@ -14,7 +15,7 @@ QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | { $(QUIET_PIP); }
-	$(BIN)/pip install -q -e ".[dev]" 2>&1 | { $(QUIET_PIP); }
+	PYTHONWARNINGS=ignore $(BIN)/pip install -q -e ".[dev]" 2>&1 | { $(QUIET_PIP); }
 	touch $(STAMP)
 
 install: $(STAMP)          ## create .venv and install scribe-events with its dev tools

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -12,12 +13,15 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import asyncpg
+import pytest
 import sqlalchemy as sa
 
 from scribe_events.crypto import Cipher, new_key
 from scribe_events.events import Event, now_ms
+from scribe_events.exceptions import StoreUnavailable
 from scribe_events.store import FailedDelivery, IdempotencyRecord, retention
-from scribe_events.store.sql import SQLEventStore
+from scribe_events.store.sql import _LOCK_NAMESPACE, SQLEventStore
 from tests.harness import cli
 
 T = TypeVar("T")
@@ -271,3 +275,42 @@ def test_retention_job_purges_by_age_then_by_size(store_config: dict[str, Any]) 
         assert [json.loads(e.data_json)["n"] for e in left] == [0]
 
     run(_with_store(store_config, body))
+
+
+def test_store_append_under_the_publish_lock_dies_with_the_lock(pg_schema: str) -> None:
+    """Regression (fault suite, pg_terminate_backend): the publish lock was held on one session and
+    the batch committed on another. When only the lock's session was killed, another instance took
+    the lock and published a newer id before this batch's older one reached the broker, so live
+    streams dropped the older one as already seen. A batch written under the lock now goes through
+    the lock's session: lose the session and the batch is lost with it, never committed."""
+    from tests.conftest import PG_URL, _pg_dsn
+
+    async def body(store: SQLEventStore) -> None:
+        async with store.publish_lock() as held:
+            assert held
+            killer = await asyncpg.connect(_pg_dsn(), timeout=5)
+            try:
+                killed = await killer.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_locks"
+                    " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND granted",
+                    _LOCK_NAMESPACE + 1,
+                    store._lock_key,
+                )
+            finally:
+                await killer.close()
+            assert killed == 1
+            with pytest.raises(StoreUnavailable):
+                await store.append([ev("u", n=1)])
+        assert await store.head() == 0  # nothing was committed without the lock
+
+    async def outer() -> None:
+        store = make({"database_url": PG_URL, "database_schema": pg_schema, "auto_migrate": True})
+        await store.start()
+        try:
+            with contextlib.suppress(StoreUnavailable):  # releasing a lock whose session is gone
+                await body(store)
+            assert await store.head() == 0
+        finally:
+            await store.close()
+
+    run(outer())

@@ -11,6 +11,7 @@ after N" without ever skipping an event:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import secrets
@@ -98,6 +99,10 @@ class SQLEventStore(EventStore):
         self._identity = 0
         self.unreadable = 0  # stored rows skipped because they could not be read
         self._unreadable_logged: set[int] = set()
+        # The connection holding the publish lock, in the task that holds it (see publish_lock).
+        self._locked: contextvars.ContextVar[AsyncConnection | None] = contextvars.ContextVar(
+            f"publish_lock_{id(self)}", default=None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -194,7 +199,7 @@ class SQLEventStore(EventStore):
     async def append(self, batch: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
         try:
             rows = [self._row(e) for e in batch]
-            async with self._engine.begin() as conn:
+            async with self._writing() as conn:
                 if rows:
                     ids = await self._insert(conn, rows)
                     newest: dict[str, int] = {}
@@ -235,6 +240,17 @@ class SQLEventStore(EventStore):
                 raise
             raise _fail("take the events", exc) from exc
 
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+        """A transaction: on the publish lock's connection while this task holds the lock."""
+        locked = self._locked.get()
+        if locked is None:
+            async with self._engine.begin() as conn:
+                yield conn
+            return
+        async with locked.begin():
+            yield locked
+
     async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
         if self.dialect == "postgresql":
             # Serialise writers across instances, then draw ids: commit order == id order.
@@ -263,6 +279,11 @@ class SQLEventStore(EventStore):
         Publishers that share a broker hold it from their COMMIT through their PUBLISH, so every
         instance sees events in id order. Yields whether the lock is held (``wait=False`` may fail).
         A process that dies holding it loses it with its connection.
+
+        What :meth:`append` writes while the lock is held goes through the lock's own connection:
+        if that session is lost (killed, a network cut), the lock goes with it *and* so does the
+        uncommitted batch, so no other instance can publish a newer id before an older one that
+        was still being committed (a stream would then drop the older one as already seen).
         """
         if self.dialect != "postgresql":
             yield True
@@ -278,9 +299,11 @@ class SQLEventStore(EventStore):
                         (await conn.execute(sa.text("SELECT pg_try_advisory_lock(:ns, :key)"), key)).scalar()
                     )
                 await conn.commit()
+                token = self._locked.set(conn if held else None)
                 try:
                     yield held
                 finally:
+                    self._locked.reset(token)
                     if held:
                         await conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :key)"), key)
                         await conn.commit()
