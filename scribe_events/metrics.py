@@ -16,7 +16,7 @@ from prometheus_client.metrics_core import Metric
 from scribe_events.tasks import CRASHES
 
 if TYPE_CHECKING:
-    from scribe_events.web.app import Runtime
+    from scribe_events.runtime import Runtime
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

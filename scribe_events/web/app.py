@@ -13,7 +13,6 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -23,7 +22,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from scribe_events import __version__
 from scribe_events.admission import Admission
 from scribe_events.auth import TokenVerifier
-from scribe_events.broker import Broker, make_broker
+from scribe_events.broker import make_broker
 from scribe_events.config import Settings
 from scribe_events.constants import RedisKeys, redis_client
 from scribe_events.control import Control
@@ -34,31 +33,13 @@ from scribe_events.metrics import make_registry
 from scribe_events.publisher import Publisher
 from scribe_events.registry import LocalRegistry, RedisRegistry, Registry
 from scribe_events.retention import RetentionJob
+from scribe_events.runtime import Runtime
 from scribe_events.service import EventService
 from scribe_events.state import MemoryState, RedisState, SharedState
-from scribe_events.store import EventStore, make_store
+from scribe_events.store import make_store
 from scribe_events.web import errors, routes, stream
 
 log = logging.getLogger("scribe_events")
-
-
-@dataclass
-class Runtime:
-    """Everything a request needs, built by the lifespan."""
-
-    settings: Settings
-    verifier: TokenVerifier
-    admission: Admission
-    state: SharedState
-    control: Control
-    registry: Registry
-    store: EventStore
-    broker: Broker
-    hub: Hub
-    publisher: Publisher
-    recorder: FailureRecorder
-    service: EventService
-    started_at: float
 
 
 class ScribeApp:

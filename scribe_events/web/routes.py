@@ -1,93 +1,27 @@
-"""FastAPI routes: tickets, publishing, polling, client config, push mode, health, the index page."""
+"""FastAPI routes: tickets, publishing, polling, client config, health, metrics, the index page.
+(The stream itself is served by ``stream``; admin routes are in ``admin``.)"""
 
 from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import BaseModel, Field
-from redis.exceptions import RedisError
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import BaseModel
 
-from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, Principal
+from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER
 from scribe_events.config import Settings
-from scribe_events.control import ban_target
-from scribe_events.events import Event, TypeFilter, parse_publish, rfc3339
-from scribe_events.exceptions import (
-    BadRequest,
-    BrokerUnavailable,
-    InvalidJSON,
-    NotFound,
-    NotReady,
-    ValidationFailed,
-)
-from scribe_events.ids import IDEMPOTENCY_KEY, check_ip, optional_text_id
+from scribe_events.events import Event, TypeFilter, parse_publish
+from scribe_events.exceptions import BadRequest, InvalidJSON, NotReady, ValidationFailed
+from scribe_events.ids import IDEMPOTENCY_KEY
 from scribe_events.metrics import CONTENT_TYPE, render
-from scribe_events.service import MAX_ID, dump_with_raw, request_fingerprint
-from scribe_events.state import Ban
-from scribe_events.store import FailedDelivery
-from scribe_events.web import stream
-from scribe_events.web.app_state import runtime_of
-
-MAX_TTL_S = 10 * 365 * 86_400  # a ban of ten years is "until lifted" for all purposes
-MAX_DAYS = 36_500.0
-# Every error, everywhere: {"error": {"code", "message"}} (see errors.py).
-_ERROR_BODY = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-        }
-    },
-}
-_WHY = {
-    400: "bad request: invalid JSON, a malformed parameter, a token in the query string",
-    401: "missing, bad or expired token or ticket",
-    403: "lacking a role, banned, or naming another session than the token's",
-    404: "not found",
-    408: "the request's head or body did not arrive in time",
-    409: "an Idempotency-Key reused with another body, or still being stored",
-    413: "the body is over the limit",
-    422: "a field is invalid; the message starts with its name",
-    429: "too many streams or tickets (Retry-After)",
-    431: "the request's headers are over the limit",
-    503: "not ready, shutting down, a dependency unavailable or too many connections: retry (Retry-After)",
-}
-# What any request may be answered, before or beside its route: the protocol (408, 431, 503), the
-# body reader (400, 408, 413), admission (401, 403) and validation (422).
-_COMMON = (400, 401, 403, 408, 413, 422, 431, 503)
-
-
-def _errors(*extra: int) -> dict[int | str, dict[str, Any]]:
-    return {
-        status: {"description": _WHY[status], "content": {"application/json": {"schema": _ERROR_BODY}}}
-        for status in sorted({*_COMMON, *extra})
-    }
-
-
-_AUTH_ERRORS = _errors()
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <JWT>`")
-
-
-async def authenticate(
-    request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None
-) -> Principal:
-    """The caller, from ``Authorization: Bearer <jwt>``; banned users and addresses get 403.
-    (The ``HTTPBearer`` dependency only documents the scheme; admission reads the header itself.)"""
-    return await runtime_of(request).admission.caller(
-        request.headers.get("authorization"), request.client.host if request.client else None
-    )
-
-
-Caller = Annotated[Principal, Depends(authenticate)]
+from scribe_events.service import dump_with_raw, request_fingerprint
+from scribe_events.web import admin, stream
+from scribe_events.web.deps import AUTH_ERRORS, Caller, bearer, errors, runtime_of
 
 
 class TicketOut(BaseModel):
@@ -97,11 +31,6 @@ class TicketOut(BaseModel):
 
 class PublishedOut(BaseModel):
     ids: list[str]
-
-
-class PushModeIn(BaseModel):
-    mode: Literal["sse", "polling"]
-    sse_percent: int = Field(100, ge=0, le=100)
 
 
 _ID = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]+$"}
@@ -158,11 +87,11 @@ router = APIRouter()
     tags=["stream"],
     summary="Open the event stream (text/event-stream)",
     response_class=Response,
-    responses={200: {"content": {"text/event-stream": {}}}, **_errors(429)},
+    responses={200: {"content": {"text/event-stream": {}}}, **errors(429)},
 )
 async def open_stream(
     request: Request,
-    _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)] = None,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
     session_id: str | None = None,
     types: Annotated[str | None, Query(description="comma-separated globs, e.g. task.*")] = None,
     last_event_id: str | None = None,
@@ -173,7 +102,7 @@ async def open_stream(
     raise NotReady("the service is starting")
 
 
-@router.post("/api/v1/events/tickets", tags=["stream"], response_model=TicketOut, responses=_errors(429))
+@router.post("/api/v1/events/tickets", tags=["stream"], response_model=TicketOut, responses=errors(429))
 async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
     """A single-use ticket (30 s) for `GET /api/v1/events/stream?ticket=…`, for `EventSource`."""
     rt = runtime_of(request)
@@ -189,7 +118,7 @@ async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
     status_code=202,
     response_model=PublishedOut,
     openapi_extra=_publish_body(Settings.model_fields["max_batch_events"].default),
-    responses=_errors(409),
+    responses=errors(409),
 )
 async def publish(
     request: Request,
@@ -237,7 +166,7 @@ def parse_body(body: bytes, max_event_bytes: int, max_batch: int, max_depth: int
     return [parse_publish(payload, max_event_bytes=max_event_bytes, max_depth=max_depth)]
 
 
-@router.get("/api/v1/events", tags=["polling"], responses=_AUTH_ERRORS)
+@router.get("/api/v1/events", tags=["polling"], responses=AUTH_ERRORS)
 async def poll(
     request: Request,
     principal: Caller,
@@ -258,189 +187,10 @@ async def poll(
     return Response(dump_with_raw(body), media_type="application/json")
 
 
-@router.get("/api/v1/events/config", tags=["polling"], responses=_AUTH_ERRORS)
+@router.get("/api/v1/events/config", tags=["polling"], responses=AUTH_ERRORS)
 async def client_config(request: Request, principal: Caller) -> dict[str, Any]:
     """How this user's client should connect: push mode, intervals, reconnect policy."""
     return runtime_of(request).service.config_for(principal)
-
-
-@router.put("/api/v1/admin/push-mode", tags=["admin"], responses=_AUTH_ERRORS)
-async def set_push_mode(request: Request, principal: Caller, body: PushModeIn) -> dict[str, Any]:
-    """Switch between SSE and polling at run time (`sse_percent` for A/B tests); connected clients
-    are told with `system.push-mode`."""
-    principal.require(ROLE_ADMIN)
-    rt = runtime_of(request)
-    await rt.control.set_push_mode(body.mode, body.sse_percent)
-    return {"mode": body.mode, "sse_percent": body.sse_percent}
-
-
-UserId = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
-EventId = Annotated[int, Field(ge=1, le=MAX_ID)]
-
-
-class ResendIn(BaseModel):
-    event_ids: list[EventId] = Field(default_factory=list, max_length=1000)
-    user_id: UserId | None = None
-    since: datetime | None = Field(None, description="RFC 3339 time; failures at or after it")
-    dry_run: bool = False
-    limit: int = Field(1000, ge=1, le=10_000)
-
-
-class PurgeIn(BaseModel):
-    older_than_days: float = Field(
-        ..., gt=0, le=MAX_DAYS, allow_inf_nan=False, description="purge events older than this many days"
-    )
-    dry_run: bool = False
-
-
-def _failure_out(f: FailedDelivery) -> dict[str, Any]:
-    return {
-        "event_id": str(f.event_id),
-        "type": f.type,
-        "user_id": f.user_id,
-        "session_id": f.session_id,
-        "connection_id": f.connection_id,
-        "reason": f.reason,
-        "failed_at": rfc3339(f.failed_ms),
-        "resent_at": rfc3339(f.resent_ms) if f.resent_ms else None,
-        "resend_count": f.resend_count,
-    }
-
-
-@router.get("/api/v1/admin/events/failed", tags=["admin"], responses=_AUTH_ERRORS)
-async def list_failed(
-    request: Request,
-    principal: Caller,
-    user_id: Annotated[str | None, Query(max_length=200)] = None,
-    event_id: Annotated[list[EventId] | None, Query(max_length=1000)] = None,
-    since: datetime | None = None,
-    include_resent: bool = False,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
-) -> dict[str, Any]:
-    """Important events that could not be written to a connection that should have had them."""
-    principal.require(ROLE_ADMIN)
-    found = await runtime_of(request).service.failed(
-        event_ids=event_id or [],
-        user_id=optional_text_id(user_id, "user_id"),
-        since_ms=_ms(since),
-        include_resent=include_resent,
-        limit=limit,
-    )
-    return {"failed": [_failure_out(f) for f in found]}
-
-
-@router.post("/api/v1/admin/events/resend", tags=["admin"], responses=_AUTH_ERRORS)
-async def resend(request: Request, principal: Caller, body: ResendIn) -> dict[str, Any]:
-    """Send failed deliveries again (by event ids, by user, since a time); `dry_run` lists them."""
-    principal.require(ROLE_ADMIN)
-    if not (body.event_ids or body.user_id or body.since):
-        raise ValidationFailed("name event_ids, user_id or since", field="body", code="missing_selection")
-    done, skipped = await runtime_of(request).service.resend(
-        event_ids=body.event_ids,
-        user_id=optional_text_id(body.user_id, "user_id"),
-        since_ms=_ms(body.since),
-        dry_run=body.dry_run,
-        limit=body.limit,
-    )
-    return {
-        "dry_run": body.dry_run,
-        "resent": [_failure_out(f) for f in done],
-        "not_resent": [{**_failure_out(f), "why": why} for f, why in skipped],
-    }
-
-
-@router.post("/api/v1/admin/events/purge", tags=["admin"], responses=_AUTH_ERRORS)
-async def purge(request: Request, principal: Caller, body: PurgeIn) -> dict[str, Any]:
-    """Delete stored events older than `older_than_days` now (retention does this every hour)."""
-    principal.require(ROLE_ADMIN)
-    return await runtime_of(request).service.purge(body.older_than_days, dry_run=body.dry_run)
-
-
-@router.get("/api/v1/admin/connections", tags=["admin"], responses=_AUTH_ERRORS)
-async def list_connections(
-    request: Request,
-    principal: Caller,
-    user_id: Annotated[str | None, Query(max_length=200)] = None,
-    session_id: Annotated[str | None, Query(max_length=200)] = None,
-    instance: Annotated[str | None, Query(max_length=200)] = None,
-) -> dict[str, Any]:
-    """Live connections on every instance (from Redis when configured, else this instance)."""
-    principal.require(ROLE_ADMIN)
-    registry = runtime_of(request).registry
-    try:
-        found = await registry.list(
-            user_id=optional_text_id(user_id, "user_id"),
-            session_id=optional_text_id(session_id, "session_id"),
-            instance=optional_text_id(instance, "instance"),
-        )
-    except (RedisError, OSError) as exc:
-        raise BrokerUnavailable(
-            f"the registry (Redis) is unavailable: {exc}", code="redis_unavailable"
-        ) from exc
-    return {"connections": sorted(found, key=lambda c: c["connected_at"])}
-
-
-class BanIn(BaseModel):
-    user_id: UserId | None = None
-    ip: str | None = Field(None, max_length=64, description="an IPv4 or IPv6 address")
-    reason: str = Field("", max_length=500)
-    ttl_s: int | None = Field(None, gt=0, le=MAX_TTL_S, description="seconds; unset: until lifted")
-
-
-def _ban_out(ban: Ban) -> dict[str, Any]:
-    kind, _, value = ban.target.partition(":")
-    return {
-        kind if kind == "ip" else "user_id": value,
-        "reason": ban.reason,
-        "until": rfc3339(ban.until_ms) if ban.until_ms else None,
-    }
-
-
-def _target(user_id: str | None, ip: str | None) -> str:
-    try:
-        return ban_target(optional_text_id(user_id, "user_id"), None if ip is None else check_ip(ip, "ip"))
-    except ValueError:
-        raise ValidationFailed(
-            "name exactly one of user_id and ip", field="target", code="invalid_ban"
-        ) from None
-
-
-@router.get("/api/v1/admin/bans", tags=["admin"], responses=_AUTH_ERRORS)
-async def list_bans(request: Request, principal: Caller) -> dict[str, Any]:
-    """Users and addresses refused on every instance (R8.5)."""
-    principal.require(ROLE_ADMIN)
-    return {"bans": [_ban_out(b) for b in runtime_of(request).control.active_bans()]}
-
-
-@router.post("/api/v1/admin/bans", tags=["admin"], status_code=201, responses=_AUTH_ERRORS)
-async def add_ban(request: Request, principal: Caller, body: BanIn) -> dict[str, Any]:
-    """Ban a user or an address: its open streams close, and it is refused until lifted (or ``ttl_s``)."""
-    principal.require(ROLE_ADMIN)
-    ban = await runtime_of(request).control.ban(_target(body.user_id, body.ip), body.reason, body.ttl_s)
-    return _ban_out(ban)
-
-
-@router.delete("/api/v1/admin/bans", tags=["admin"], responses=_errors(404))
-async def remove_ban(
-    request: Request,
-    principal: Caller,
-    user_id: Annotated[str | None, Query(max_length=200)] = None,
-    ip: Annotated[str | None, Query(max_length=64)] = None,
-) -> dict[str, Any]:
-    """Lift a ban (`?user_id=` or `?ip=`)."""
-    principal.require(ROLE_ADMIN)
-    target = _target(user_id, ip)
-    if not await runtime_of(request).control.unban(target):
-        raise NotFound(f"no ban on {target}")
-    return {"lifted": target}
-
-
-def _ms(when: datetime | None) -> int | None:
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return int(when.timestamp() * 1000)
 
 
 def _health(request: Request, ready: dict[str, bool] | None) -> dict[str, Any]:
@@ -490,6 +240,7 @@ async def index() -> HTMLResponse:
 
 def install(app: FastAPI, settings: Settings) -> None:
     app.include_router(router)
+    app.include_router(admin.router)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:

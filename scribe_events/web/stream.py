@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs
 
 from scribe_events import sse
@@ -23,12 +23,10 @@ from scribe_events.config import Settings
 from scribe_events.events import TypeFilter, dumps, now_ms, rfc3339, sendable
 from scribe_events.exceptions import BadRequest, ScribeEventsError, ServiceUnavailable, ShuttingDown
 from scribe_events.hub import Connection, Hub, Sink
+from scribe_events.runtime import Runtime
 from scribe_events.web.errors import send_error
 from scribe_events.web.protocol import TRANSPORT_EXTENSION
 from scribe_events.web.sinks import AsgiSink
-
-if TYPE_CHECKING:
-    from scribe_events.web.app import Runtime
 
 log = logging.getLogger("scribe_events.stream")
 
