@@ -96,6 +96,15 @@ class Settings(BaseSettings):
     # End a stream when its token expires (the client resumes with a fresh ticket, missing nothing).
     end_stream_at_token_expiry: bool = True
 
+    # Tasks (R3, R4.6). A task's progress updates reach a client at most once per
+    # progress_throttle_s (a burst coalesces to its latest value); a task silent for
+    # task_heartbeat_s gets a task.progress-heartbeat, with stalled: true once silent for
+    # task_stall_s; content.chapter-updated of one novel within coalesce_window_s arrive as one.
+    progress_throttle_s: float = Field(1.0, ge=0)
+    task_heartbeat_s: float = Field(60.0, gt=0)
+    task_stall_s: float = Field(300.0, gt=0)
+    coalesce_window_s: float = Field(1.0, ge=0)
+
     poll_interval_s: int = 30
     reconnect_max_retries: int = 5
     reconnect_initial_delay_ms: int = 1000

@@ -214,6 +214,8 @@ class Hub:
         for d in deliveries:
             if d.broadcast:
                 targets: Iterable[Connection] = self.connections.values()
+            elif d.readers is not None:
+                targets = self._of_readers(d.readers)
             elif d.session_id is not None:
                 targets = self._by_session.get((d.user_id, d.session_id), EMPTY)  # type: ignore[arg-type]
             else:
@@ -259,6 +261,11 @@ class Hub:
         self.delivered += delivered
         if troubled:
             self._cut_all(troubled)
+
+    def _of_readers(self, readers: tuple[str, ...]) -> list[Connection]:
+        """Every connection of a task's readers (a task's event ignores sessions)."""
+        by_user = self._by_user
+        return [c for u in readers for c in by_user.get(u, EMPTY)]
 
     def _cut_all(self, troubled: Iterable[tuple[Connection, str]]) -> None:
         for c, reason in troubled:

@@ -194,6 +194,7 @@ class Publisher:
     async def _commit(self, jobs: list[_Job]) -> None:
         events = [e for job in jobs for e in job.events]
         important = [e for e in events if e.persist]
+        live_tasks = [e for e in events if e.for_task and not e.persist]  # their readers: resolved now
         claims = [(job.claim, job.events) for job in jobs if job.claim is not None]
         refused: ServiceUnavailable | StoreRejected | None = None
         committed = False
@@ -205,8 +206,8 @@ class Publisher:
                 try:
                     if "pause_before_commit" in self.faults and important:
                         await asyncio.sleep(PAUSE_BEFORE_COMMIT_S)  # fault injection: a slow commit
-                    if important or claims:
-                        await self.store.append(important, claims)
+                    if important or claims or live_tasks:
+                        await self.store.append(important, claims, live_tasks)
                 except (ServiceUnavailable, StoreRejected) as exc:
                     refused = exc
                 else:

@@ -11,6 +11,7 @@ from scribe_events.config import Settings
 from scribe_events.control import Control
 from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Hub
+from scribe_events.live_tasks import LiveTasks
 from scribe_events.publisher import Publisher
 from scribe_events.registry import Registry
 from scribe_events.service import EventService
@@ -33,5 +34,6 @@ class Runtime:
     hub: Hub
     publisher: Publisher
     recorder: FailureRecorder
+    live: LiveTasks
     service: EventService
     started_at: float

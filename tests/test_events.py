@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from scribe_events.events import Event, TypeFilter, parse_publish
+from scribe_events.events import Event, TypeFilter
 from scribe_events.exceptions import PayloadTooLarge, ValidationFailed
+from scribe_events.vocabulary import parse_publish
 
 
 def _parse(raw: dict[str, object]) -> Event:

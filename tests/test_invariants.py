@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 
-from scribe_events.events import parse_publish
+from scribe_events.vocabulary import parse_publish
 from tests.conftest import MakeServer
 from tests.harness import ThreadServer
 

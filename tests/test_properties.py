@@ -26,9 +26,10 @@ from hypothesis import strategies as st
 from scribe_events import sse
 from scribe_events.client import Message, SSEParser
 from scribe_events.crypto import Cipher, new_key
-from scribe_events.events import RESERVED_PREFIXES, ROUTING_FIELDS, TYPES, Event, parse_publish
+from scribe_events.events import Event
 from scribe_events.exceptions import ScribeEventsError
 from scribe_events.store.sql import SQLEventStore
+from scribe_events.vocabulary import RESERVED_PREFIXES, ROUTING_FIELDS, TYPES, parse_publish
 
 MAX_EVENT_BYTES = 65536
 

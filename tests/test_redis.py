@@ -477,3 +477,46 @@ def test_redis_publish_lock_keeps_ids_rising_across_instances(
             if server.proc is not None:
                 server.stop()
             server.close()
+
+
+def test_redis_task_events_reach_the_readers_on_every_instance_and_heartbeat_there(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    """A task started on one instance: its readers' streams on the other get its events (the
+    readers travel with the event through Redis), a reader granted on the other instance gets
+    what follows the grant, a stranger nothing; heartbeats come from the instance a stream is on."""
+    fast = {"SCRIBE_EVENTS_TASK_HEARTBEAT_S": "0.5", "SCRIBE_EVENTS_PROGRESS_THROTTLE_S": "0"}
+    with (
+        instances(tmp_path, pg_schema, redis_prefix, "one", "two", **fast) as (one, two),
+        _stream(two, "bob") as bob,
+        _stream(two, "dave") as dave,
+        _stream(two, "carol") as carol,
+    ):
+        started = _publish(
+            one,
+            {
+                "type": "task.progress-started",
+                "task_id": "rt1",
+                "data": {"task_id": "rt1", "owner": "alice", "readers": ["bob"]},
+            },
+        )
+        update = {
+            "type": "task.progress-updated",
+            "task_id": "rt1",
+            "data": {"task_id": "rt1", "progress": 5},
+        }
+        first = _publish(one, update)
+        r = httpx.post(
+            two.url + "/api/v1/tasks/rt1/grants",
+            json={"user_id": "dave"},
+            headers={"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"},
+        )
+        assert r.status_code == 200, r.text
+        later = _publish(one, {**update, "data": {"task_id": "rt1", "progress": 9}})
+        got = bob.read_until(lambda ms: len([m for m in ms if m.id]) >= 3)
+        assert [m.id for m in got if m.id] == started + first + later
+        assert [m.id for m in dave.read_count(1, event="task.progress-updated")] == later
+        beat = dave.read_count(1, event="task.progress-heartbeat", timeout=5)[0].json()["data"]
+        assert beat["task_id"] == "rt1" and beat["progress"] == 9
+        carol.idle(0.3)
+        assert carol.events() == []

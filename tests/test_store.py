@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from scribe_events.crypto import Cipher, new_key
 from scribe_events.events import Event, now_ms
 from scribe_events.exceptions import StoreUnavailable
-from scribe_events.store import FailedDelivery, IdempotencyRecord, retention
+from scribe_events.store import FailedDelivery, IdempotencyRecord, migrate, retention
 from scribe_events.store.sql import _LOCK_NAMESPACE, SQLEventStore
 from tests.harness import cli
 
@@ -253,7 +253,7 @@ def test_db_upgrade_and_current_commands(store_config: dict[str, Any], tmp_path:
     again = cli("db", "upgrade", cwd=tmp_path, env=env)
     assert "up to date" in again.stdout
     current = json.loads(cli("db", "current", "--json", cwd=tmp_path, env=env).stdout)
-    assert current["current"] == current["head"] == "0001"
+    assert current["current"] == current["head"] == migrate.head() == "0002"
 
 
 def test_retention_job_purges_by_age_then_by_size(store_config: dict[str, Any]) -> None:

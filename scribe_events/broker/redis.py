@@ -51,7 +51,18 @@ FOREIGN_LOG_EVERY_S = 60.0
 
 
 def _row(e: Event) -> list[Any]:
-    return [e.wire_id, None if e.resend else e.id, e.type, e.user_id, e.session_id, e.broadcast, e.envelope()]
+    row: list[Any] = [
+        e.wire_id,
+        None if e.resend else e.id,
+        e.type,
+        e.user_id,
+        e.session_id,
+        e.broadcast,
+        e.envelope(),
+    ]
+    if e.for_task or e.task_id is not None or e.novel_id is not None:
+        row += [list(e.readers or ()) if e.for_task else None, e.task_id, e.novel_id]
+    return row
 
 
 def _dumps(rows: Any) -> bytes:

@@ -6,8 +6,12 @@ import abc
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from scribe_events.events import Event, TypeFilter
+
+if TYPE_CHECKING:
+    from scribe_events.store.tasks import TaskState
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,8 +68,15 @@ class EventStore(abc.ABC):
         return type(self).__name__
 
     @abc.abstractmethod
-    async def append(self, batch: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
+    async def append(
+        self,
+        batch: Sequence[Event],
+        idempotency: Sequence[IdempotencyClaim] = (),
+        live: Sequence[Event] = (),
+    ) -> None:
         """Store events (and idempotency records) in one transaction; set each event's ``id``.
+        Task state moves with them, and the events addressed to a task (``live`` ones too, which
+        are not stored) get their ``readers`` resolved in the same transaction.
 
         Ids must become visible in the order they are given out: a reader that has seen id N
         never later finds a new event with an id below N. Each idempotency claim is saved with
@@ -149,6 +160,23 @@ class EventStore(abc.ABC):
 
     @abc.abstractmethod
     async def size_bytes(self) -> int: ...
+
+    # -- tasks (R3) --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def grant(self, task_id: str, user_id: str) -> TaskState | None:
+        """Let ``user_id`` see the task's events committed from now on; None if no such task."""
+
+    @abc.abstractmethod
+    async def task(self, task_id: str) -> TaskState | None: ...
+
+    @abc.abstractmethod
+    async def silent_tasks(self, *, silent_since_ms: int, limit: int = 1000) -> list[TaskState]:
+        """Running tasks with no update since ``silent_since_ms``, with their readers."""
+
+    @abc.abstractmethod
+    async def task_snapshot(self, user_id: str, *, through: int | None, limit: int = 100) -> list[Event]:
+        """The newest event of each running task ``user_id`` may see, at or below ``through``."""
 
     @abc.abstractmethod
     async def maintain(self) -> None:

@@ -59,3 +59,29 @@ failed_deliveries = sa.Table(
     sa.Column("resent_ms", sa.BigInteger),
     sa.Column("resend_count", sa.Integer, nullable=False),
 )
+
+# Tasks (R3): one row per task started with ``task.progress-started``; ``status`` is ``running``,
+# ``completed`` or ``failed``; ``updated_ms`` is the last start or progress update (heartbeats and
+# stall detection are made from it).
+tasks = sa.Table(
+    "tasks",
+    metadata,
+    sa.Column("task_id", sa.String(200), primary_key=True),
+    sa.Column("owner", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("progress", sa.Float),
+    sa.Column("started_ms", sa.BigInteger, nullable=False),
+    sa.Column("updated_ms", sa.BigInteger, nullable=False),
+    sa.Column("ended_ms", sa.BigInteger),
+)
+
+# Who may see a task's events: the owner and every reader, each from ``from_id`` on (events of the
+# task with a higher id), so a reader granted mid-task sees what comes after the grant only.
+task_readers = sa.Table(
+    "task_readers",
+    metadata,
+    sa.Column("task_id", sa.String(200), primary_key=True),
+    sa.Column("user_id", sa.String(200), primary_key=True),
+    sa.Column("from_id", sa.BigInteger, nullable=False),
+    sa.Column("granted_ms", sa.BigInteger, nullable=False),
+)

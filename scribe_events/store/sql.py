@@ -29,8 +29,11 @@ from scribe_events.crypto import Cipher, CryptoError
 from scribe_events.events import Event, TypeFilter, now_ms
 from scribe_events.exceptions import StoreRejected, StoreUnavailable
 from scribe_events.store import migrate, retention
+from scribe_events.store import tasks as task_store
 from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyClaim, IdempotencyRecord, Page
 from scribe_events.store.schema import events, failed_deliveries, idempotency_keys, store_meta
+from scribe_events.store.tasks import TaskState
+from scribe_events.vocabulary import TASK_STARTED, TASK_UPDATED
 
 log = logging.getLogger("scribe_events.store")
 
@@ -196,7 +199,12 @@ class SQLEventStore(EventStore):
             "data": data,
         }
 
-    async def append(self, batch: Sequence[Event], idempotency: Sequence[IdempotencyClaim] = ()) -> None:
+    async def append(
+        self,
+        batch: Sequence[Event],
+        idempotency: Sequence[IdempotencyClaim] = (),
+        live: Sequence[Event] = (),
+    ) -> None:
         try:
             rows = [self._row(e) for e in batch]
             async with self._writing() as conn:
@@ -215,6 +223,7 @@ class SQLEventStore(EventStore):
                             ),
                             [{"k": k, "newest": v} for k, v in newest.items()],
                         )
+                await task_store.apply(conn, self.dialect, batch, live, now_ms())
                 if idempotency:
                     created = now_ms()
                     await conn.execute(
@@ -233,6 +242,8 @@ class SQLEventStore(EventStore):
         except Exception as exc:
             for e in batch:
                 e.id = None
+            if isinstance(exc, StoreRejected):  # the task state refused an event
+                raise
             if _refused_rows(exc):
                 # About this batch's rows, not the store: the publisher retries the jobs one by one.
                 raise StoreRejected(f"the store refused the event(s): {type(exc).__name__}") from exc
@@ -350,7 +361,21 @@ class SQLEventStore(EventStore):
             task_id=r.task_id,
             novel_id=r.novel_id,
             sensitive=r.sensitive,
+            for_task=r.user_id is None and not r.broadcast and r.task_id is not None,
         )
+
+    async def _with_readers(self, found: Page) -> Page:
+        """Resolve who a task's events reach (the relay and resend send them live again)."""
+        addressed = [e for e in found if e.for_task]
+        if addressed:
+            try:
+                async with self._engine.connect() as conn:
+                    readers = await task_store.readers_of(conn, list({e.task_id or "" for e in addressed}))
+            except (SQLAlchemyError, OSError) as exc:
+                raise _fail("be read", exc) from exc
+            for e in addressed:
+                e.readers = tuple(u for u, f in readers.get(e.task_id or "", ()) if e.id is None or f < e.id)
+        return found
 
     async def _rows(self, stmt: Any, action: str = "be read") -> list[Any]:
         try:
@@ -374,7 +399,14 @@ class SQLEventStore(EventStore):
             if session_id is None
             else sa.or_(t.session_id.is_(None), t.session_id == session_id)
         )
-        where = [t.id > after, sa.or_(t.broadcast.is_(True), sa.and_(t.user_id == user_id, session_ok))]
+        where = [
+            t.id > after,
+            sa.or_(
+                t.broadcast.is_(True),
+                sa.and_(t.user_id == user_id, session_ok),
+                task_store.visible_to(user_id),
+            ),
+        ]
         if types is not None:
             where.append(sa.or_(*(t.type.like(p, escape="\\") for p in types.sql_like())))
         stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(t.id).limit(limit)
@@ -385,13 +417,71 @@ class SQLEventStore(EventStore):
         if until is not None:
             where.append(events.c.id <= until)
         stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(events.c.id).limit(limit)
-        return self._page(await self._rows(stmt), after=after, limit=limit)
+        return await self._with_readers(self._page(await self._rows(stmt), after=after, limit=limit))
 
     async def read_ids(self, ids: Sequence[int]) -> list[Event]:
         if not ids:
             return []
         stmt = sa.select(*_EVENT_COLUMNS).where(events.c.id.in_(list(ids))).order_by(events.c.id)
-        return list(self._page(await self._rows(stmt), after=0, limit=len(ids) + 1))
+        return list(await self._with_readers(self._page(await self._rows(stmt), after=0, limit=len(ids) + 1)))
+
+    # -- tasks (see store/tasks.py) ----------------------------------------------------------------
+
+    async def grant(self, task_id: str, user_id: str) -> TaskState | None:
+        """Let ``user_id`` see the task's events committed from now on; None if no such task."""
+        try:
+            async with self._writing() as conn:
+                if self.dialect == "postgresql":  # ordered with the writers: "from now on" is exact
+                    await conn.execute(
+                        sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+                        {"ns": _LOCK_NAMESPACE, "key": self._lock_key},
+                    )
+                if not await task_store.grant(conn, self.dialect, task_id, user_id, now_ms()):
+                    return None
+                return await task_store.describe(conn, task_id)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("grant the task", exc) from exc
+
+    async def task(self, task_id: str) -> TaskState | None:
+        try:
+            async with self._engine.connect() as conn:
+                return await task_store.describe(conn, task_id)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("read the task", exc) from exc
+
+    async def silent_tasks(self, *, silent_since_ms: int, limit: int = 1000) -> list[TaskState]:
+        """Running tasks with no update since then, with their readers (for heartbeats)."""
+        try:
+            async with self._engine.connect() as conn:
+                return await task_store.running(conn, silent_since_ms=silent_since_ms, limit=limit)
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("read the tasks", exc) from exc
+
+    async def task_snapshot(self, user_id: str, *, through: int | None, limit: int = 100) -> list[Event]:
+        """For a stream that opens: the newest event of each running task ``user_id`` may see
+        (its latest progress update, else its start), at or below ``through`` (None: any)."""
+        try:
+            async with self._engine.connect() as conn:
+                task_ids = await task_store.running_for(conn, user_id, limit)
+                if not task_ids:
+                    return []
+                t = events.c
+                where = [
+                    t.task_id.in_(task_ids),
+                    t.type.in_([TASK_STARTED, TASK_UPDATED]),
+                    task_store.visible_to(user_id),
+                ]
+                if through is not None:
+                    where.append(t.id <= through)
+                newest = sa.select(sa.func.max(t.id)).where(*where).group_by(t.task_id).scalar_subquery()
+                rows = list(
+                    (
+                        await conn.execute(sa.select(*_EVENT_COLUMNS).where(t.id.in_(newest)).order_by(t.id))
+                    ).all()
+                )
+        except (SQLAlchemyError, OSError) as exc:
+            raise _fail("read the tasks", exc) from exc
+        return list(self._page(rows, after=0, limit=len(rows) + 1))
 
     async def _scalar(self, stmt: Any) -> Any:
         rows = await self._rows(stmt)

@@ -29,6 +29,7 @@ from scribe_events.control import Control
 from scribe_events.exceptions import PayloadTooLarge, RequestTimeout, ScribeEventsError, ServiceUnavailable
 from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Hub
+from scribe_events.live_tasks import LiveTasks
 from scribe_events.metrics import make_registry
 from scribe_events.publisher import Publisher
 from scribe_events.registry import LocalRegistry, RedisRegistry, Registry
@@ -141,7 +142,16 @@ class ScribeApp:
                 await control.start()
             except ServiceUnavailable as exc:
                 log.error("could not load push mode and bans: %s (using defaults)", exc)
-            await broker.start(hub.dispatch)
+            live = LiveTasks(
+                hub,
+                store,
+                throttle_s=settings.progress_throttle_s,
+                coalesce_s=settings.coalesce_window_s,
+                heartbeat_s=settings.task_heartbeat_s,
+                stall_s=settings.task_stall_s,
+            )
+            stack.push_async_callback(live.close)
+            await broker.start(live.dispatch)
             stack.push_async_callback(broker.close)
             publisher = Publisher(
                 store,
@@ -155,6 +165,7 @@ class ScribeApp:
             stack.push_async_callback(publisher.close)
             hub.start()
             stack.push_async_callback(hub.close)
+            live.start()
             registry.start()
             stack.push_async_callback(registry.close)
             retention = RetentionJob(store, settings)
@@ -172,6 +183,7 @@ class ScribeApp:
                 hub=hub,
                 publisher=publisher,
                 recorder=recorder,
+                live=live,
                 service=EventService(settings, store, broker, publisher, state, control, registry),
                 started_at=time.time(),
             )

@@ -15,12 +15,13 @@ from pydantic import BaseModel
 
 from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER
 from scribe_events.config import Settings
-from scribe_events.events import Event, TypeFilter, parse_publish
+from scribe_events.events import Event, TypeFilter
 from scribe_events.exceptions import BadRequest, InvalidJSON, NotReady, ValidationFailed
 from scribe_events.ids import IDEMPOTENCY_KEY
 from scribe_events.metrics import CONTENT_TYPE, render
 from scribe_events.service import dump_with_raw, request_fingerprint
-from scribe_events.web import admin, stream
+from scribe_events.vocabulary import parse_publish
+from scribe_events.web import admin, stream, tasks
 from scribe_events.web.deps import AUTH_ERRORS, Caller, bearer, errors, runtime_of
 
 
@@ -49,6 +50,7 @@ _EVENT_SCHEMA = {
         "user_id": {**_ID, "description": "the audience: this user (all their connections)"},
         "session_id": {**_ID, "description": "only together with user_id"},
         "broadcast": {"type": "boolean", "description": "the audience: every connection"},
+        "task_id": {**_ID, "description": "the audience: the task's owner and readers (see grants)"},
         "sensitive": {"type": "boolean", "description": "encrypt at rest"},
         "persist": {"type": "boolean", "description": "custom types only; false = live only"},
     },
@@ -241,6 +243,7 @@ async def index() -> HTMLResponse:
 def install(app: FastAPI, settings: Settings) -> None:
     app.include_router(router)
     app.include_router(admin.router)
+    app.include_router(tasks.router)
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:

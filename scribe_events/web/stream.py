@@ -96,7 +96,8 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
     transport = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
     sink: Sink = transport if transport is not None else AsgiSink(send)
     hub = runtime.hub
-    conn = Connection(sink=sink, replaying=plan.after is not None, **conn_args)
+    # Live events are parked until the task state and the replay are sent (see _replay).
+    conn = Connection(sink=sink, replaying=True, **conn_args)
     hello = {
         "connection_id": conn.id,
         "server_time": rfc3339(now_ms()),
@@ -111,7 +112,7 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
         first.append(sse.chunk(sse.frame(dumps(plan.truncated), event="replay.truncated")))
     hub.add(conn, from_seq=plan.after)
     try:
-        if hub.write_direct(conn, first) and plan.after is not None:
+        if hub.write_direct(conn, first) and await _task_state(runtime, conn, plan.after):
             await _replay(runtime, conn, plan.after)
     except BaseException:
         hub.remove(conn, "error")
@@ -153,11 +154,25 @@ async def _accept(
     return principal, conn_args, plan, last_id
 
 
-async def _replay(runtime: Runtime, conn: Connection, after: int) -> None:
-    """Send every stored event after ``after`` that this stream may see, paced by the socket."""
+async def _task_state(runtime: Runtime, conn: Connection, after: int | None) -> bool:
+    """The newest progress of each running task this stream may see, before anything else (R3);
+    False if the connection is gone."""
+    try:
+        state = await runtime.live.snapshot(conn.user_id, after)
+    except ServiceUnavailable as exc:
+        log.warning("task state for %s skipped: %s", conn.id, exc)
+        return conn.id in runtime.hub.connections
+    if conn.types is not None:
+        state = [d for d in state if conn.types(d.type)]
+    return not state or runtime.hub.write_direct(conn, [d.chunk for d in state])
+
+
+async def _replay(runtime: Runtime, conn: Connection, after: int | None) -> None:
+    """Send every stored event after ``after`` that this stream may see, paced by the socket, then
+    what arrived live meanwhile. (``after`` None: a fresh stream, only the latter.)"""
     hub, store, page = runtime.hub, runtime.store, runtime.settings.replay_page
     sent = after
-    while conn.id in hub.connections:
+    while sent is not None and conn.id in hub.connections:
         try:
             batch = await store.read(
                 after=sent, user_id=conn.user_id, session_id=conn.session_id, limit=page, types=conn.types
