@@ -66,8 +66,12 @@ class Settings(BaseSettings):
     max_event_bytes: int = 64 * 1024
     max_request_bytes: int = 1024 * 1024
     max_batch_events: int = 1000
-    # Bytes a connection may have queued in its socket's write buffer before it is cut off as slow.
-    max_connection_buffer: int = 256 * 1024
+    # Bytes in a connection's socket write buffer past which further deliveries wait in the
+    # connection's own queue (where system.error jumps the line and a newer progress update of a
+    # task replaces an older one); past max_connection_queue bytes there, the client is cut off
+    # as slow (it resumes with Last-Event-ID).
+    max_connection_buffer: int = Field(256 * 1024, ge=1024)
+    max_connection_queue: int = Field(1024 * 1024, ge=1024)
     replay_page: int = 500
     publish_queue: int = 10_000
     # Bytes of event data waiting in the publish queue; past it publishers get 503 (retry).

@@ -3,9 +3,12 @@
 The hot path is :meth:`Hub.dispatch`: for one :class:`~scribe_events.events.Delivery` it picks the
 target connections through an index (all, by user, or by user and session), skips those whose type
 filter refuses it, and writes the event's pre-built chunk to each socket. There is no per-connection
-task, queue or timer on that path: a connection's outgoing queue *is* its socket's write buffer,
-bounded by ``max_buffer`` bytes; a client that lets it fill is cut off (it resumes with
-Last-Event-ID, so nothing is lost) instead of growing memory.
+task or timer on that path, and no queue while the socket takes data: its write buffer is the queue.
+Once a socket's buffer is past ``max_buffer`` bytes, further deliveries wait in the connection's
+:class:`~scribe_events.backlog.Backlog` (where a ``system.error`` jumps the line and a newer
+progress update replaces an older one), written out as the socket drains (:meth:`Hub.drain`,
+called when the transport resumes writing). A client whose backlog passes ``max_queue`` bytes is
+cut off: it resumes with Last-Event-ID, so nothing is lost, and memory stays bounded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from scribe_events import sse
+from scribe_events.backlog import Backlog
 from scribe_events.events import Delivery, TypeFilter, dumps, now_ms, rfc3339
 from scribe_events.tasks import cancel, supervise
 
@@ -44,6 +48,7 @@ class Connection:
     """One open stream. ``pending`` is a list while the stream replays, ``None`` once it is live."""
 
     __slots__ = (
+        "backlog",
         "backlog_from",
         "buffer_size",
         "closed_reason",
@@ -85,6 +90,8 @@ class Connection:
         self.write: Callable[[bytes], Any] = sink.write
         self.buffer_size: Callable[[], int] = sink.get_write_buffer_size
         self.pending: list[Delivery] | None = [] if replaying else None
+        # Deliveries waiting while the socket's write buffer is full (None: write straight to it).
+        self.backlog: Backlog | None = None
         # The newest stored event written to this stream: a live delivery at or below it is a
         # duplicate (an outbox re-publish, or the replay seam) and is skipped.
         self.last_seq = 0
@@ -123,10 +130,13 @@ FailureHook = Callable[[Connection, str], None]
 class Hub:
     """Local connections of this instance, indexed for routing."""
 
-    def __init__(self, *, instance: str, heartbeat_s: float, max_buffer: int) -> None:
+    def __init__(
+        self, *, instance: str, heartbeat_s: float, max_buffer: int, max_queue: int = 1024 * 1024
+    ) -> None:
         self.instance = instance
         self.heartbeat_s = heartbeat_s
         self.max_buffer = max_buffer
+        self.max_queue = max_queue
         self.connections: dict[str, Connection] = {}
         self._by_user: dict[str, set[Connection]] = {}
         self._by_session: dict[tuple[str, str], set[Connection]] = {}
@@ -240,13 +250,17 @@ class Hub:
                         continue
                     if seq is not None and seq <= c.last_seq:
                         continue  # already sent (relayed again, or covered by its replay)
+                    if c.backlog is not None:
+                        if (problem := self._hold(c, d)) is not None:
+                            troubled = troubled or []
+                            troubled.append((c, problem))
+                        continue
                     c.write(chunk)
                     if c.buffer_size():
                         if c.backlog_from < 0:
                             c.backlog_from = c.last_seq
                         if c.buffer_size() > limit:
-                            troubled = troubled or []
-                            troubled.append((c, "slow_client"))
+                            c.backlog = Backlog()  # what comes next waits until the socket drains
                     elif c.backlog_from >= 0:
                         c.backlog_from = -1
                     if seq is not None:
@@ -261,6 +275,34 @@ class Hub:
         self.delivered += delivered
         if troubled:
             self._cut_all(troubled)
+
+    def _hold(self, conn: Connection, d: Delivery) -> str | None:
+        """Queue a delivery for a connection whose socket is full; why it must be cut, or None."""
+        backlog = conn.backlog
+        assert backlog is not None
+        if d.type == URGENT_TYPE:  # jumps the line: written now, ahead of what waits
+            conn.write(d.overtaking_chunk())
+        backlog.add(d)
+        if d.seq is not None:
+            conn.last_seq = d.seq
+        return "slow_client" if backlog.bytes > self.max_queue else None
+
+    def drain(self, conn: Connection) -> None:
+        """The socket takes data again: write what waits, up to the high-water mark. Never raises."""
+        backlog = conn.backlog
+        if backlog is None or conn.id not in self.connections:
+            return
+        try:
+            # Until the buffer is past the high-water mark again (the transport then pauses, and
+            # says when it resumes: the transport's high-water mark is max_buffer, see stream.py).
+            while backlog and (room := self.max_buffer - conn.buffer_size()) >= 0:
+                chunks, _top = backlog.take(room + 1)
+                conn.write(b"".join(chunks))
+                self.delivered += len(chunks)
+            if not backlog:
+                conn.backlog = None
+        except Exception:
+            self.cut(conn, "write_error")
 
     def _of_readers(self, readers: tuple[str, ...]) -> list[Connection]:
         """Every connection of a task's readers (a task's event ignores sessions)."""
@@ -306,7 +348,7 @@ class Hub:
             conn.backlog_from = -1
         if seq is not None:
             conn.last_seq = max(conn.last_seq, seq)
-        return "slow_client" if size > self.max_buffer else None
+        return "slow_client" if size > self.max_buffer + self.max_queue else None
 
     def write_direct(self, conn: Connection, chunks: Iterable[bytes], seq: int | None = None) -> bool:
         """Write chunks to one connection outside :meth:`dispatch` (greeting, replay, heartbeat).
@@ -365,8 +407,12 @@ class Hub:
         for c in self.connections.values():
             if c.expires_at is not None and c.expires_at <= now:
                 expired.append(c)
-            elif c.pending is None and (problem := self._write(c, (chunk,))) is not None:
+            elif (
+                c.pending is None and c.backlog is None and (problem := self._write(c, (chunk,))) is not None
+            ):
                 troubled.append((c, problem))
+            elif c.backlog is not None and _safe_size(c) < self.max_buffer // 2:
+                self.drain(c)  # in case the transport never said it resumed (a sink without flow control)
         self._cut_all(troubled)
         for c in expired:
             self.end(c, "token_expired")

@@ -110,7 +110,7 @@ def test_poison_event_in_the_store_is_skipped_by_relay_replay_and_live(
 
 
 def test_hub_system_error_cutting_a_replaying_stream_mid_broadcast_reaches_everyone_else() -> None:
-    hub = Hub(instance="i", heartbeat_s=30, max_buffer=1000)
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=1000, max_queue=1000)
     sinks = []
     for n in range(20):
         sink = FakeSink()
@@ -154,7 +154,7 @@ def test_hub_dispatch_survives_a_connection_whose_filter_raises() -> None:
 
 
 def test_hub_a_failing_hook_spares_the_cut_and_the_other_connections() -> None:
-    hub = Hub(instance="i", heartbeat_s=30, max_buffer=10)
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=10, max_queue=10)
 
     def broken(conn: Connection, reason: str) -> None:
         raise RuntimeError("a bug in a hook")
@@ -163,7 +163,8 @@ def test_hub_a_failing_hook_spares_the_cut_and_the_other_connections() -> None:
     sinks = [FakeSink() for _ in range(3)]
     for n, sink in enumerate(sinks):
         hub.add(Connection(f"c{n}", f"u{n}", None, sink))
-    hub.dispatch([Event("custom.x", json.dumps({"pad": "x" * 100}), broadcast=True, id=1).delivery()])
+    pad = json.dumps({"pad": "x" * 100})
+    hub.dispatch([Event("custom.x", pad, broadcast=True, id=n).delivery() for n in (1, 2)])  # 2 is over
     assert len(hub) == 0 and hub.count_user("u0") == 0 and all(s.aborted for s in sinks)
 
 
@@ -227,7 +228,7 @@ def test_failure_recorder_gives_up_on_a_cut_it_cannot_record(tmp_path: Path) -> 
     async def run() -> tuple[int, int]:
         store = SQLEventStore(f"sqlite+aiosqlite:///{tmp_path / 'rec.db'}")
         await store.start()
-        hub = Hub(instance="i", heartbeat_s=30, max_buffer=1000)
+        hub = Hub(instance="i", heartbeat_s=30, max_buffer=1000, max_queue=1000)
         recorder = FailureRecorder(store, hub, retry_s=0.01)
         recorder.start()
         try:

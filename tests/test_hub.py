@@ -81,7 +81,7 @@ def test_hub_write_to_a_client_that_left_is_a_disconnect_not_a_failure() -> None
 
 
 def test_hub_slow_client_is_cut_and_reported() -> None:
-    hub = Hub(instance="i", heartbeat_s=30, max_buffer=4 * 1024)
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=4 * 1024, max_queue=2 * 1024)
     cuts: list[tuple[str, int]] = []
     hub.on_cut.append(lambda c, reason: cuts.append((reason, c.flushed_seq)))
     sink = FakeSink()
@@ -93,6 +93,98 @@ def test_hub_slow_client_is_cut_and_reported() -> None:
     hub.dispatch([_delivery(n) for n in range(2, 10)])
     assert cuts == [("slow_client", 1)]  # event 1 left the buffer; 2.. are the failed ones
     assert sink.aborted and conn.id not in hub.connections
+
+
+def _typed(seq: int, type_: str, task: str | None = None, size: int = 1000) -> Delivery:
+    data = (
+        {"task_id": task, "progress": seq} if task else {"level": "critical", "impact": "x", "message": "m"}
+    )
+    data["pad"] = "x" * size
+    return Event(type_, json.dumps(data), user_id="u", id=seq, task_id=task).delivery()
+
+
+def _ids_of(chunks: list[bytes]) -> list[str]:
+    """The envelope ids of the frames written, in order (with or without an id: line)."""
+    out = []
+    for chunk in chunks:
+        for line in sse.unchunk(chunk).split(b"\n"):
+            if line.startswith(b"data: "):
+                out.append(json.loads(line[6:])["id"])
+    return out
+
+
+def _id_lines(chunks: list[bytes]) -> list[str]:
+    return [
+        line[4:].decode()
+        for chunk in chunks
+        for line in sse.unchunk(chunk).split(b"\n")
+        if line.startswith(b"id: ")
+    ]
+
+
+def _drain_all(hub: Hub, conn: Connection, sink: FakeSink) -> None:
+    while conn.backlog is not None:
+        sink.drain()  # the client reads; the transport says it can take more
+        hub.drain(conn)
+        assert not sink.aborted
+
+
+def test_hub_backlog_holds_what_a_full_socket_cannot_take_and_drains_it_in_order() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=4 * 1024, max_queue=64 * 1024)
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    hub.dispatch([_delivery(n) for n in range(1, 6)])  # 5 KB: past the high-water mark
+    assert conn.backlog is not None
+    written = len(sink.received)
+    hub.dispatch([_delivery(n) for n in range(6, 21)])
+    assert len(sink.received) == written and len(conn.backlog) == 20 - written  # held, not cut
+    hub.dispatch([_delivery(12)])  # a duplicate of a held one is still skipped
+    _drain_all(hub, conn, sink)
+    assert _ids_of(sink.received) == [str(n) for n in range(1, 21)]
+    assert conn.id in hub.connections and conn.last_seq == 20
+    sink.drain()
+    hub.dispatch([_delivery(21)])  # drained: straight to the socket again
+    assert conn.backlog is None and _ids_of(sink.received[-1:]) == ["21"]
+
+
+def test_hub_backlog_past_its_budget_cuts_the_client() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024, max_queue=8 * 1024)
+    cuts: list[str] = []
+    hub.on_cut.append(lambda c, reason: cuts.append(reason))
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    hub.dispatch([_delivery(n) for n in range(1, 20)])
+    assert cuts == ["slow_client"] and sink.aborted and conn.id not in hub.connections
+
+
+def test_hub_backlog_lets_system_error_jump_and_keeps_one_progress_update_per_task() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024, max_queue=64 * 1024)
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    hub.dispatch([_delivery(n) for n in range(1, 4)])  # the socket is full from here on
+    assert conn.backlog is not None
+    before = len(sink.received)
+    hub.dispatch(
+        [
+            _typed(4, "task.progress-updated", "t1"),
+            _delivery(5),
+            _typed(6, "task.progress-updated", "t2"),
+            _typed(7, "task.progress-updated", "t1"),  # replaces 4
+            _typed(8, "system.error"),
+        ]
+    )
+    urgent = sink.received[before:]
+    assert _ids_of(urgent) == ["8"] and _id_lines(urgent) == []  # at once, without an id: line
+    assert conn.backlog.replaced == 1
+    _drain_all(hub, conn, sink)
+    later = sink.received[before + 1 :]
+    # In order; the error again, with its id; update 4 replaced by 7 of the same task.
+    assert _id_lines(later) == [x for x in ("3", "5", "6", "7", "8") if x in _id_lines(later)]
+    assert _id_lines(later)[-4:] == ["5", "6", "7", "8"]
+    assert "4" not in _ids_of(sink.received)
 
 
 def test_control_reload_applies_a_ban_missed_while_away() -> None:

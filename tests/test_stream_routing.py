@@ -258,3 +258,35 @@ def test_stream_works_through_asgi_send_on_a_plain_server(make_server: MakeServe
         server.stop()
         s.wait_closed(timeout=5)
         assert s.ended
+
+
+def test_system_error_overtakes_the_backlog_of_a_slow_reader(make_server: MakeServer) -> None:
+    """R4.7: a system.error published while a slow reader has a backlog waiting for its socket
+    arrives before the end of that backlog (without an id: line), and again in order with its id;
+    nothing is lost or cut."""
+    server = make_server(max_connection_buffer=64 * 1024, max_connection_queue=32 * 1024 * 1024)
+    slow = server.stream("alice", rcvbuf=4096)
+    try:
+        _ready(slow)
+        batch = {"events": [{"type": "custom.big", "user_id": "alice", "data": {"blob": "z" * 16_000}}] * 40}
+        ids: list[str] = []
+        for _ in range(16):  # 10 MiB: more than the kernel's buffers can hide
+            ids += server.publish_ok(batch)
+        hub = server.runtime.hub
+        (conn,) = hub.connections.values()
+        wait_for(lambda: conn.backlog is not None and len(conn.backlog) > 0, timeout=5)
+        error = {
+            "type": "system.error",
+            "user_id": "alice",
+            "data": {"level": "critical", "impact": "all", "message": "db down"},
+        }
+        (error_id,) = server.publish_ok(error)
+        slow.read_until(lambda ms: any(m.id == error_id for m in ms), timeout=30)
+    finally:
+        slow.close()
+    kinds = [(m.event, m.id) for m in slow.events()]
+    first_error = kinds.index(("system.error", None))
+    assert first_error < kinds.index(("custom.big", ids[-1]))  # ahead of the end of the backlog
+    assert [i for e, i in kinds if e == "custom.big"] == ids  # the backlog itself: whole, in order
+    assert kinds[-1] == ("system.error", error_id)  # and again in order, with its id
+    assert server.runtime.hub.cut_off == 0

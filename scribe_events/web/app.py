@@ -129,6 +129,7 @@ class ScribeApp:
                 instance=settings.instance_id,
                 heartbeat_s=settings.heartbeat_s,
                 max_buffer=settings.max_connection_buffer,
+                max_queue=settings.max_connection_queue,
             )
             hub.last_seq = head  # a fresh stream starts from now
             recorder = FailureRecorder(store, hub, max_per_user=settings.max_failed_per_user)

@@ -20,6 +20,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
@@ -27,6 +28,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from scribe_events.config import Settings
 
 TRANSPORT_EXTENSION = "scribe_events.transport"
+# The protocol itself: a stream sets its ``on_writable`` (called when the transport resumes writing).
+PROTOCOL_EXTENSION = "scribe_events.protocol"
 # After an error, how long the socket keeps reading (and dropping) what the client still sends: closing
 # with unread input makes the kernel send a reset, which can destroy the answer before it is read.
 LINGER_S = 2.0
@@ -62,7 +65,7 @@ class _Pipeline(list):  # type: ignore[type-arg]
 
 
 class StreamingHttpToolsProtocol(HttpToolsProtocol):
-    __slots__ = ("_head_bytes", "_rejected", "_timer")
+    __slots__ = ("_head_bytes", "_rejected", "_timer", "on_writable")
 
     # The limits; build_server uses a subclass with the configured ones (see ``configured``).
     max_header_bytes: ClassVar[int] = Settings.model_fields["max_header_bytes"].default
@@ -87,6 +90,12 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         # The head's deadline, or after an error the end of the linger.
         self._timer: asyncio.TimerHandle | None = None
         self._rejected = False
+        self.on_writable: Callable[[], None] | None = None
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.on_writable is not None:
+            self.on_writable()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -126,7 +135,7 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {TRANSPORT_EXTENSION: self.transport}  # type: ignore[typeddict-unknown-key,dict-item]
+        self.scope["extensions"] = {TRANSPORT_EXTENSION: self.transport, PROTOCOL_EXTENSION: self}  # type: ignore[typeddict-unknown-key,dict-item]
 
     def on_headers_complete(self) -> None:
         # From here on no header timer: a stream may stay open for hours.

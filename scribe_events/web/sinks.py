@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from scribe_events import sse
@@ -24,6 +25,7 @@ class AsgiSink:
         self._closing = False
         self._aborted = False
         self._task = spawn(self._run(), "scribe-asgi-sink")
+        self.on_writable: Callable[[], None] | None = None  # told when everything queued was sent
 
     def write(self, data: bytes) -> None:
         if self._closing:
@@ -59,6 +61,8 @@ class AsgiSink:
                     await self._send(
                         {"type": "http.response.body", "body": sse.unchunk(data), "more_body": True}
                     )
+            if self.on_writable is not None and not self._closing:
+                self.on_writable()
             if self._closing:
                 if not self._aborted:
                     await self._send({"type": "http.response.body", "body": b"", "more_body": False})

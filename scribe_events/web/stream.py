@@ -12,6 +12,7 @@ How a stream ends (each path removes the connection from the hub at once and log
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 from typing import Any
@@ -25,7 +26,7 @@ from scribe_events.exceptions import BadRequest, ScribeEventsError, ServiceUnava
 from scribe_events.hub import Connection, Hub, Sink
 from scribe_events.runtime import Runtime
 from scribe_events.web.errors import send_error
-from scribe_events.web.protocol import TRANSPORT_EXTENSION
+from scribe_events.web.protocol import PROTOCOL_EXTENSION, TRANSPORT_EXTENSION
 from scribe_events.web.sinks import AsgiSink
 
 log = logging.getLogger("scribe_events.stream")
@@ -93,11 +94,21 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
             ],
         }
     )
-    transport = scope.get("extensions", {}).get(TRANSPORT_EXTENSION)
+    extensions = scope.get("extensions", {})
+    transport = extensions.get(TRANSPORT_EXTENSION)
     sink: Sink = transport if transport is not None else AsgiSink(send)
     hub = runtime.hub
     # Live events are parked until the task state and the replay are sent (see _replay).
     conn = Connection(sink=sink, replaying=True, **conn_args)
+    # When the socket drains, what waits for it goes out (see Hub.drain).
+    protocol = extensions.get(PROTOCOL_EXTENSION)
+    if protocol is not None:
+        protocol.on_writable = functools.partial(hub.drain, conn)
+        # Its pause is our backlog's start: past max_buffer the transport pauses, and resumes
+        # (calling on_writable) once it has drained to a quarter of it.
+        transport.set_write_buffer_limits(high=hub.max_buffer)
+    elif isinstance(sink, AsgiSink):
+        sink.on_writable = functools.partial(hub.drain, conn)
     hello = {
         "connection_id": conn.id,
         "server_time": rfc3339(now_ms()),
