@@ -273,6 +273,56 @@ def _json_line(message: client.Message) -> str:
     return str(dumps({"type": message.event, "data": data}))
 
 
+@app.command()
+@friendly
+def demo(
+    user: Annotated[str, typer.Option("--user", help="Who owns the simulated tasks.")] = "demo-user",
+    reader: Annotated[str, typer.Option("--reader", help="A second user granted the tasks.")] = "demo-reader",
+    tasks: Annotated[int, typer.Option("--tasks", min=1, max=50, help="Chapters drafted at once.")] = 3,
+    step: Annotated[
+        float, typer.Option("--step", min=0.001, max=10.0, help="Seconds between progress reports.")
+    ] = 0.05,
+    url: UrlOpt = None,
+    token: TokenOpt = None,
+) -> None:
+    """Run simulated novel-writing tasks (start, progress, chapters, a failure with retry advice,
+    completion) through the publisher SDK against a running server. Watch them with
+    `scribe-events tail --user demo-user` or on the server's page."""
+    from scribe_events.demo import DemoPlan, run_demo
+    from scribe_events.sdk import EventPublisher, PublishError
+
+    settings = load_settings(url=url)
+    bearer = client_token(settings, token, "scribe-events-demo", ["publisher"])
+    err_console.print(
+        Text.assemble(
+            ("demo", "bold green"),
+            f" publishing to {visible(settings.url)}; follow it with ",
+            (f"scribe-events tail --user {visible(user)}", "bold"),
+        )
+    )
+
+    def report(line: str) -> None:
+        console.print(Text.assemble(("•", "cyan"), " ", visible(line)))
+
+    async def run() -> dict[str, int]:
+        async with EventPublisher(settings.url, token=bearer) as events:
+            return await run_demo(
+                events, DemoPlan(user=user, reader=reader, tasks=tasks, step_s=step), report
+            )
+
+    try:
+        counts = asyncio.run(run())
+    except PublishError as exc:
+        raise fail(str(exc)) from None
+    console.print(
+        Text.assemble(
+            ("done", "green"),
+            f" {counts['tasks']} tasks completed, {counts['failed']} failed once and retried, "
+            f"{counts['progress_calls']} progress reports (throttled to at most one a second per task)",
+        )
+    )
+
+
 app.add_typer(store_cmds.db_app, name="db")
 app.add_typer(ops_cmds.ban_app, name="ban")
 app.command()(friendly(ops_cmds.connections))
