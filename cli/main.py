@@ -73,6 +73,20 @@ def serve(
         int | None, typer.Option(help="Serve on an already bound socket (file descriptor).")
     ] = None,
     heartbeat: Annotated[float | None, typer.Option(help="Heartbeat interval in seconds.")] = None,
+    task_heartbeat: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds a running task may be silent before its readers get task.progress-heartbeat "
+            "(env SCRIBE_EVENTS_TASK_HEARTBEAT_S, default 60).",
+        ),
+    ] = None,
+    task_stall: Annotated[
+        float | None,
+        typer.Option(
+            help="Seconds of silence after which a task's heartbeat says stalled: true "
+            "(env SCRIBE_EVENTS_TASK_STALL_S, default 300).",
+        ),
+    ] = None,
     log_level: Annotated[str | None, typer.Option(help="debug, info, warning, error.")] = None,
     access_log: Annotated[
         bool | None, typer.Option("--access-log/--no-access-log", help="Log every HTTP request.")
@@ -82,7 +96,13 @@ def serve(
     from scribe_events.server import preflight, run
 
     settings = load_settings(
-        host=host, port=port, heartbeat_s=heartbeat, log_level=log_level, access_log=access_log
+        host=host,
+        port=port,
+        heartbeat_s=heartbeat,
+        task_heartbeat_s=task_heartbeat,
+        task_stall_s=task_stall,
+        log_level=log_level,
+        access_log=access_log,
     )
     asyncio.run(preflight(settings))
     if settings.is_default_setup:
@@ -122,7 +142,9 @@ def _welcome(settings: Any, where: tuple[str, int]) -> None:
         "Send it an event (another terminal, same folder):\n"
         f"  {me} publish system.notification --user demo "
         '--data \'{"level": "info", "title": "Hello", "message": "It works"}\'\n'
-        f"Or follow it readably:\n  {me} tail --user demo\n",
+        f"Or follow it readably:\n  {me} tail --user demo\n"
+        f"Run simulated novel-writing tasks for it (progress, chapters, a failure, completion):\n"
+        f"  {me} demo --user demo\n",
         flush=True,
     )
 
