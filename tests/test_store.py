@@ -21,7 +21,8 @@ from scribe_events.crypto import Cipher, new_key
 from scribe_events.events import Event, now_ms
 from scribe_events.exceptions import StoreUnavailable
 from scribe_events.store import FailedDelivery, IdempotencyRecord, migrate, retention
-from scribe_events.store.sql import _LOCK_NAMESPACE, SQLEventStore
+from scribe_events.store.sql import SQLEventStore
+from scribe_events.store.sql_common import LOCK_NAMESPACE
 from tests.harness import cli
 
 T = TypeVar("T")
@@ -293,7 +294,7 @@ def test_store_append_under_the_publish_lock_dies_with_the_lock(pg_schema: str) 
                 killed = await killer.fetchval(
                     "SELECT count(pg_terminate_backend(pid)) FROM pg_locks"
                     " WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND granted",
-                    _LOCK_NAMESPACE + 1,
+                    LOCK_NAMESPACE + 1,
                     store._lock_key,
                 )
             finally:

@@ -30,29 +30,14 @@ from scribe_events.events import Event, TypeFilter, now_ms
 from scribe_events.exceptions import StoreRejected, StoreUnavailable
 from scribe_events.store import migrate, retention
 from scribe_events.store import tasks as task_store
-from scribe_events.store.base import EventStore, FailedDelivery, IdempotencyClaim, IdempotencyRecord, Page
-from scribe_events.store.schema import events, failed_deliveries, idempotency_keys, store_meta
-from scribe_events.store.tasks import TaskState
-from scribe_events.vocabulary import TASK_STARTED, TASK_UPDATED
+from scribe_events.store.base import EventStore, IdempotencyClaim, IdempotencyRecord, Page
+from scribe_events.store.schema import events, idempotency_keys, store_meta
+from scribe_events.store.sql_common import EVENT_COLUMNS, LOCK_NAMESPACE, fail
+from scribe_events.store.sql_upkeep import SQLUpkeep
 
 log = logging.getLogger("scribe_events.store")
 
 IDENTITY = "store_id"  # store_meta key of the store's identity (see EventStore.identity)
-_LOCK_NAMESPACE = 0x5CE1  # first key of pg_advisory_xact_lock(int, int); the second is the schema's hash
-
-_EVENT_COLUMNS = (
-    events.c.id,
-    events.c.type,
-    events.c.time_ms,
-    events.c.user_id,
-    events.c.session_id,
-    events.c.broadcast,
-    events.c.task_id,
-    events.c.novel_id,
-    events.c.sensitive,
-    events.c.key_id,
-    events.c.data,
-)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -62,10 +47,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA busy_timeout=5000")
     cur.execute("PRAGMA case_sensitive_like=ON")  # type filters match case as the live stream does
     cur.close()
-
-
-def _fail(action: str, exc: BaseException) -> StoreUnavailable:
-    return StoreUnavailable(f"the store could not {action}: {type(exc).__name__}")
 
 
 def _refused_rows(exc: BaseException) -> bool:
@@ -83,7 +64,7 @@ def crypto_context(type_: str, user_id: str | None, session_id: str | None, broa
     return f"{type_}|{user_id or ''}|{session_id or ''}|{int(broadcast)}"
 
 
-class SQLEventStore(EventStore):
+class SQLEventStore(SQLUpkeep, EventStore):
     def __init__(
         self,
         url: str,
@@ -249,7 +230,7 @@ class SQLEventStore(EventStore):
                 raise StoreRejected(f"the store refused the event(s): {type(exc).__name__}") from exc
             if isinstance(exc, StoreUnavailable):
                 raise
-            raise _fail("take the events", exc) from exc
+            raise fail("take the events", exc) from exc
 
     @contextlib.asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncConnection]:
@@ -267,7 +248,7 @@ class SQLEventStore(EventStore):
             # Serialise writers across instances, then draw ids: commit order == id order.
             await conn.execute(
                 sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
-                {"ns": _LOCK_NAMESPACE, "key": self._lock_key},
+                {"ns": LOCK_NAMESPACE, "key": self._lock_key},
             )
             drawn = await conn.execute(
                 sa.text("SELECT nextval('events_id_seq') FROM generate_series(1, :n)"), {"n": len(rows)}
@@ -299,7 +280,7 @@ class SQLEventStore(EventStore):
         if self.dialect != "postgresql":
             yield True
             return
-        key = {"ns": _LOCK_NAMESPACE + 1, "key": self._lock_key}
+        key = {"ns": LOCK_NAMESPACE + 1, "key": self._lock_key}
         try:
             async with self._engine.connect() as conn:
                 if wait:
@@ -319,7 +300,7 @@ class SQLEventStore(EventStore):
                         await conn.execute(sa.text("SELECT pg_advisory_unlock(:ns, :key)"), key)
                         await conn.commit()
         except (SQLAlchemyError, OSError) as exc:
-            raise _fail("take the publish lock", exc) from exc
+            raise fail("take the publish lock", exc) from exc
 
     # -- reading -----------------------------------------------------------------------------------
 
@@ -372,7 +353,7 @@ class SQLEventStore(EventStore):
                 async with self._engine.connect() as conn:
                     readers = await task_store.readers_of(conn, list({e.task_id or "" for e in addressed}))
             except (SQLAlchemyError, OSError) as exc:
-                raise _fail("be read", exc) from exc
+                raise fail("be read", exc) from exc
             for e in addressed:
                 e.readers = tuple(u for u, f in readers.get(e.task_id or "", ()) if e.id is None or f < e.id)
         return found
@@ -382,7 +363,7 @@ class SQLEventStore(EventStore):
             async with self._engine.connect() as conn:
                 return list((await conn.execute(stmt)).all())
         except (SQLAlchemyError, OSError) as exc:
-            raise _fail(action, exc) from exc
+            raise fail(action, exc) from exc
 
     async def read(
         self,
@@ -409,79 +390,21 @@ class SQLEventStore(EventStore):
         ]
         if types is not None:
             where.append(sa.or_(*(t.type.like(p, escape="\\") for p in types.sql_like())))
-        stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(t.id).limit(limit)
+        stmt = sa.select(*EVENT_COLUMNS).where(*where).order_by(t.id).limit(limit)
         return self._page(await self._rows(stmt), after=after, limit=limit)
 
     async def read_all(self, *, after: int, limit: int, until: int | None = None) -> Page:
         where = [events.c.id > after]
         if until is not None:
             where.append(events.c.id <= until)
-        stmt = sa.select(*_EVENT_COLUMNS).where(*where).order_by(events.c.id).limit(limit)
+        stmt = sa.select(*EVENT_COLUMNS).where(*where).order_by(events.c.id).limit(limit)
         return await self._with_readers(self._page(await self._rows(stmt), after=after, limit=limit))
 
     async def read_ids(self, ids: Sequence[int]) -> list[Event]:
         if not ids:
             return []
-        stmt = sa.select(*_EVENT_COLUMNS).where(events.c.id.in_(list(ids))).order_by(events.c.id)
+        stmt = sa.select(*EVENT_COLUMNS).where(events.c.id.in_(list(ids))).order_by(events.c.id)
         return list(await self._with_readers(self._page(await self._rows(stmt), after=0, limit=len(ids) + 1)))
-
-    # -- tasks (see store/tasks.py) ----------------------------------------------------------------
-
-    async def grant(self, task_id: str, user_id: str) -> TaskState | None:
-        """Let ``user_id`` see the task's events committed from now on; None if no such task."""
-        try:
-            async with self._writing() as conn:
-                if self.dialect == "postgresql":  # ordered with the writers: "from now on" is exact
-                    await conn.execute(
-                        sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
-                        {"ns": _LOCK_NAMESPACE, "key": self._lock_key},
-                    )
-                if not await task_store.grant(conn, self.dialect, task_id, user_id, now_ms()):
-                    return None
-                return await task_store.describe(conn, task_id)
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("grant the task", exc) from exc
-
-    async def task(self, task_id: str) -> TaskState | None:
-        try:
-            async with self._engine.connect() as conn:
-                return await task_store.describe(conn, task_id)
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("read the task", exc) from exc
-
-    async def silent_tasks(self, *, silent_since_ms: int, limit: int = 1000) -> list[TaskState]:
-        """Running tasks with no update since then, with their readers (for heartbeats)."""
-        try:
-            async with self._engine.connect() as conn:
-                return await task_store.running(conn, silent_since_ms=silent_since_ms, limit=limit)
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("read the tasks", exc) from exc
-
-    async def task_snapshot(self, user_id: str, *, through: int | None, limit: int = 100) -> list[Event]:
-        """For a stream that opens: the newest event of each running task ``user_id`` may see
-        (its latest progress update, else its start), at or below ``through`` (None: any)."""
-        try:
-            async with self._engine.connect() as conn:
-                task_ids = await task_store.running_for(conn, user_id, limit)
-                if not task_ids:
-                    return []
-                t = events.c
-                where = [
-                    t.task_id.in_(task_ids),
-                    t.type.in_([TASK_STARTED, TASK_UPDATED]),
-                    task_store.visible_to(user_id),
-                ]
-                if through is not None:
-                    where.append(t.id <= through)
-                newest = sa.select(sa.func.max(t.id)).where(*where).group_by(t.task_id).scalar_subquery()
-                rows = list(
-                    (
-                        await conn.execute(sa.select(*_EVENT_COLUMNS).where(t.id.in_(newest)).order_by(t.id))
-                    ).all()
-                )
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("read the tasks", exc) from exc
-        return list(self._page(rows, after=0, limit=len(rows) + 1))
 
     async def _scalar(self, stmt: Any) -> Any:
         rows = await self._rows(stmt)
@@ -508,7 +431,7 @@ class SQLEventStore(EventStore):
             async with self._engine.begin() as conn:
                 await retention.set_meta(conn, key, value, only_up=only_up)
         except (SQLAlchemyError, OSError) as exc:
-            raise _fail("be written", exc) from exc
+            raise fail("be written", exc) from exc
 
     async def idempotency(self, owner: str, key: str) -> IdempotencyRecord | None:
         t = idempotency_keys.c
@@ -523,129 +446,3 @@ class SQLEventStore(EventStore):
         except StoreUnavailable:
             return False
         return True
-
-    # -- failed deliveries -------------------------------------------------------------------------
-
-    async def record_failures(self, failures: Sequence[FailedDelivery]) -> None:
-        if not failures:
-            return
-        rows = [
-            {
-                "event_id": f.event_id,
-                "user_id": f.user_id,
-                "session_id": f.session_id,
-                "connection_id": f.connection_id,
-                "reason": f.reason,
-                "failed_ms": f.failed_ms,
-                "resend_count": 0,
-            }
-            for f in failures
-        ]
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(sa.insert(failed_deliveries), rows)
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("record failed deliveries", exc) from exc
-
-    async def failures(
-        self,
-        *,
-        ids: Sequence[int] = (),
-        user_id: str | None = None,
-        since_ms: int | None = None,
-        include_resent: bool = False,
-        limit: int = 1000,
-    ) -> list[FailedDelivery]:
-        f = failed_deliveries.c
-        where: list[sa.ColumnElement[bool]] = []
-        if ids:
-            where.append(f.event_id.in_(list(ids)))
-        if user_id is not None:
-            where.append(f.user_id == user_id)
-        if since_ms is not None:
-            where.append(f.failed_ms >= since_ms)
-        if not include_resent:
-            where.append(f.resent_ms.is_(None))
-        stmt = (
-            sa.select(
-                f.id,
-                f.event_id,
-                f.user_id,
-                f.session_id,
-                f.connection_id,
-                f.reason,
-                f.failed_ms,
-                f.resent_ms,
-                f.resend_count,
-                events.c.type,
-            )
-            .select_from(failed_deliveries.outerjoin(events, events.c.id == f.event_id))
-            .where(*where)
-            .order_by(f.id)
-            .limit(limit)
-        )
-        return [
-            FailedDelivery(
-                r.event_id,
-                r.user_id,
-                r.session_id,
-                r.connection_id,
-                r.reason,
-                r.failed_ms,
-                id=r.id,
-                resent_ms=r.resent_ms,
-                resend_count=r.resend_count,
-                type=r.type,
-            )
-            for r in await self._rows(stmt)
-        ]
-
-    async def count_failures(self, user_id: str) -> int:
-        f = failed_deliveries.c
-        stmt = sa.select(sa.func.count()).where(f.user_id == user_id, f.resent_ms.is_(None))
-        return int(await self._scalar(stmt) or 0)
-
-    async def mark_resent(self, failure_ids: Sequence[int], when_ms: int) -> None:
-        if not failure_ids:
-            return
-        f = failed_deliveries.c
-        try:
-            async with self._engine.begin() as conn:
-                await conn.execute(
-                    sa.update(failed_deliveries)
-                    .where(f.id.in_(list(failure_ids)))
-                    .values(resent_ms=when_ms, resend_count=f.resend_count + 1)
-                )
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("mark failed deliveries resent", exc) from exc
-
-    # -- retention ---------------------------------------------------------------------------------
-
-    async def count_older(self, cutoff_ms: int) -> int:
-        return int(await self._scalar(sa.select(sa.func.count()).where(events.c.time_ms < cutoff_ms)) or 0)
-
-    async def purge(self, cutoff_ms: int, *, progress: retention.Progress | None = None) -> int:
-        """Delete every event older than ``cutoff_ms`` (and old idempotency keys and failure records).
-
-        PostgreSQL drops whole day partitions, then deletes the rest in batches; SQLite deletes in
-        batches. Returns the number of events deleted.
-        """
-        try:
-            return await retention.purge(self._engine, self.dialect, cutoff_ms, progress)
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("purge", exc) from exc
-
-    async def size_bytes(self) -> int:
-        try:
-            async with self._engine.connect() as conn:
-                return await retention.size_bytes(conn, self.dialect)
-        except (SQLAlchemyError, OSError) as exc:
-            raise _fail("be measured", exc) from exc
-
-    async def maintain(self) -> None:
-        if self.dialect == "postgresql":
-            try:
-                async with self._engine.begin() as conn:
-                    await retention.ensure(conn, now_ms())
-            except (SQLAlchemyError, OSError) as exc:
-                raise _fail("create partitions", exc) from exc
