@@ -39,13 +39,11 @@ class Backlog:
         self._next += 1
         self.bytes += len(d.chunk)
 
-    def take(self, budget: int) -> tuple[list[bytes], int | None]:
-        """The chunks of the oldest deliveries up to ``budget`` bytes (at least one), and the
-        newest stored id among them."""
+    def take(self, budget: int) -> list[bytes]:
+        """The chunks of the oldest deliveries, until they hold ``budget`` bytes (at least one)."""
         items = self.items
         chunks: list[bytes] = []
         taken = 0
-        top: int | None = None
         while items and (not chunks or taken < budget):
             key = next(iter(items))
             d = items.pop(key)
@@ -53,7 +51,5 @@ class Backlog:
                 del self._progress[d.task_id]
             chunks.append(d.chunk)
             taken += len(d.chunk)
-            if d.seq is not None:
-                top = d.seq
         self.bytes -= taken
-        return chunks, top
+        return chunks

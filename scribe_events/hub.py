@@ -296,7 +296,7 @@ class Hub:
             # Until the buffer is past the high-water mark again (the transport then pauses, and
             # says when it resumes: the transport's high-water mark is max_buffer, see stream.py).
             while backlog and (room := self.max_buffer - conn.buffer_size()) >= 0:
-                chunks, _top = backlog.take(room + 1)
+                chunks = backlog.take(room + 1)
                 conn.write(b"".join(chunks))
                 self.delivered += len(chunks)
             if not backlog:

@@ -187,6 +187,59 @@ def test_hub_backlog_lets_system_error_jump_and_keeps_one_progress_update_per_ta
     assert "4" not in _ids_of(sink.received)
 
 
+def test_backlog_counts_its_bytes_exactly_and_takes_up_to_a_budget() -> None:
+    from scribe_events.backlog import Backlog
+
+    b = Backlog()
+    ds = [
+        _delivery(1),
+        _typed(2, "task.progress-updated", "t1"),
+        _delivery(3),
+        _typed(4, "task.progress-updated", "t1"),
+    ]
+    for d in ds:
+        b.add(d)
+    assert len(b) == 3 and b.replaced == 1  # 4 replaced 2
+    assert b.bytes == sum(len(d.chunk) for d in (ds[0], ds[2], ds[3]))
+    first = b.take(len(ds[0].chunk) + 1)  # past the first chunk: a second one is taken too
+    assert first == [ds[0].chunk, ds[2].chunk] and b.bytes == len(ds[3].chunk)
+    assert b.take(0) == [ds[3].chunk] and b.bytes == 0 and len(b) == 0  # always at least one
+    b.add(_typed(5, "task.progress-updated", "t1"))  # its task's earlier update already left
+    assert b.replaced == 1 and len(b) == 1 and b.bytes == len(b.items[next(iter(b.items))].chunk)
+    assert b.take(10**9) and b.take(10**9) == []
+
+
+def test_hub_drain_never_writes_to_a_connection_it_forgot() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024, max_queue=64 * 1024)
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    hub.dispatch([_delivery(n) for n in range(1, 8)])
+    assert conn.backlog is not None
+    written = len(sink.received)
+    hub.remove(conn, "client_closed")
+    sink.drain()
+    hub.drain(conn)
+    assert len(sink.received) == written
+
+
+def test_hub_a_sink_that_cannot_say_if_it_is_closing_counts_as_closed() -> None:
+    class Broken(FakeSink):
+        def is_closing(self) -> bool:
+            raise OSError("gone")
+
+        def write(self, data: bytes) -> None:
+            raise OSError("gone")
+
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    cuts: list[str] = []
+    hub.on_cut.append(lambda c, reason: cuts.append(reason))
+    conn = Connection("c1", "u", None, Broken())
+    hub.add(conn)
+    hub.dispatch([_delivery(1)])
+    assert conn.closed_reason == "client_closed" and cuts == []  # an ordinary disconnect
+
+
 def test_control_reload_applies_a_ban_missed_while_away() -> None:
     async def scenario() -> None:
         hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)

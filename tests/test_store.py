@@ -315,3 +315,56 @@ def test_store_append_under_the_publish_lock_dies_with_the_lock(pg_schema: str) 
             await store.close()
 
     run(outer())
+
+
+def _task_event(type_: str, task: str, **data: Any) -> Event:
+    """A task event addressed to the task (the task_id audience), as the vocabulary builds it."""
+    from scribe_events.vocabulary import parse_publish
+
+    return parse_publish(
+        {"type": type_, "task_id": task, "data": {"task_id": task, **data}}, max_event_bytes=65536
+    )
+
+
+def test_store_task_readers_grants_and_visibility(store_config: dict[str, Any]) -> None:
+    """The one visibility rule of tasks, on both backends: readers named at the start see the task
+    from its start, a reader granted later only what was stored after the grant; the readers a
+    live delivery carries (resolved when storing, and again by read_ids and read_all) agree."""
+
+    async def body(store: SQLEventStore) -> None:
+        assert await store.grant("nope", "bob") is None  # no such task
+        started = _task_event("task.progress-started", "t1", owner="alice", readers=["bob"])
+        await store.append([started])
+        assert started.readers == ("alice", "bob")
+        first = _task_event("custom.step", "t1", n=1)
+        await store.append([first])
+        granted = await store.grant("t1", "carol")
+        assert granted is not None and granted.readers == ("alice", "bob", "carol")
+        assert (await store.grant("t1", "carol")).readers == ("alice", "bob", "carol")  # once
+        second = _task_event("custom.step", "t1", n=2)
+        await store.append([second])
+        assert second.readers == ("alice", "bob", "carol")
+        ids = [started.id, first.id, second.id]
+        for user, seen in (("alice", ids), ("bob", ids), ("carol", [second.id]), ("dave", [])):
+            page = await store.read(after=0, user_id=user, session_id=None, limit=100)
+            assert [e.id for e in page] == seen, user
+        again = await store.read_ids([second.id, first.id])  # any order in, id order out
+        assert [e.id for e in again] == [first.id, second.id]
+        assert [e.readers for e in again] == [("alice", "bob"), ("alice", "bob", "carol")]
+        assert await store.read_ids([]) == []
+        relay = await store.read_all(after=0, limit=100)
+        assert [e.readers for e in relay] == [("alice", "bob"), ("alice", "bob"), ("alice", "bob", "carol")]
+        # The readers of a live-only event: everyone granted by now.
+        live = _task_event("custom.ping", "t1")
+        live.persist = False
+        await store.append([], live=[live])
+        assert live.readers == ("alice", "bob", "carol")
+        # Retention may purge every event while the task goes on: a grant still works.
+        await store.purge(now_ms() + DAY)
+        assert (await store.grant("t1", "erin")).readers[-1] == "erin"
+        third = _task_event("custom.step", "t1", n=3)
+        await store.append([third])
+        page = await store.read(after=0, user_id="erin", session_id=None, limit=100)
+        assert [e.id for e in page] == [third.id]
+
+    run(_with_store(store_config, body))

@@ -176,6 +176,7 @@ def test_task_state_refuses_what_would_misroute_or_mislead(
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code
     assert r.json()["error"]["message"].startswith(field + ":")
+    assert len(r.json()["error"]["message"]) > len(field) + 10  # and says why
     assert quiet.publish_ok({"type": "custom.after", "broadcast": True}) > head  # nothing else was hurt
 
 
