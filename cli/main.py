@@ -298,7 +298,7 @@ def _json_line(message: client.Message) -> str:
 @app.command()
 @friendly
 def demo(
-    user: Annotated[str, typer.Option("--user", help="Who owns the simulated tasks.")] = "demo-user",
+    user: Annotated[str, typer.Option("--user", help="Who owns the simulated tasks.")] = "demo",
     reader: Annotated[str, typer.Option("--reader", help="A second user granted the tasks.")] = "demo-reader",
     tasks: Annotated[int, typer.Option("--tasks", min=1, max=50, help="Chapters drafted at once.")] = 3,
     step: Annotated[
@@ -309,7 +309,7 @@ def demo(
 ) -> None:
     """Run simulated novel-writing tasks (start, progress, chapters, a failure with retry advice,
     completion) through the publisher SDK against a running server. Watch them with
-    `scribe-events tail --user demo-user` or on the server's page."""
+    `scribe-events tail --user demo` or on the server's page."""
     from scribe_events.demo import DemoPlan, run_demo
     from scribe_events.sdk import EventPublisher, PublishError
 

@@ -23,7 +23,7 @@ Report = Callable[[str], None]
 
 @dataclass
 class DemoPlan:
-    user: str = "demo-user"
+    user: str = "demo"
     reader: str = "demo-reader"
     tasks: int = 3
     step_s: float = 0.05  # the pause between two progress reports (a tight loop: the SDK throttles)

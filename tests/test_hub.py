@@ -209,6 +209,67 @@ def test_backlog_counts_its_bytes_exactly_and_takes_up_to_a_budget() -> None:
     assert b.take(10**9) and b.take(10**9) == []
 
 
+def test_backlog_replaces_only_progress_updates_of_the_same_task() -> None:
+    from scribe_events.backlog import Backlog
+
+    b = Backlog()
+    other = Event("custom.x", "{}", user_id="u", id=3, task_id="t1").delivery()  # a task's, not progress
+    for d in (_typed(1, "task.progress-updated", "t1"), _typed(2, "task.progress-updated", "t2"), other):
+        b.add(d)
+    b.add(_typed(4, "task.progress-updated", "t1"))
+    b.add(_typed(5, "task.progress-updated", "t1"))
+    assert b.replaced == 2
+    assert _ids_of(b.take(10**9)) == ["2", "3", "5"]
+
+
+def test_hub_drain_fills_the_socket_just_past_its_mark_and_counts_what_it_wrote() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=4 * 1024, max_queue=64 * 1024)
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    hub.dispatch([_delivery(n) for n in range(1, 21)])
+    direct = len(sink.received)
+    assert hub.delivered == direct
+    sink.drain()
+    hub.drain(conn)
+    chunk = len(_delivery(1).chunk)
+    # Past the high-water mark (so the transport pauses and says when it resumes), by one chunk at most.
+    assert hub.max_buffer < sink.buffered <= hub.max_buffer + chunk
+    assert hub.delivered == len(_ids_of(sink.received)) > direct  # one write may hold several
+    sink.buffered = hub.max_buffer  # exactly at the mark: not past it, so one more goes out
+    before = len(_ids_of(sink.received))
+    hub.drain(conn)
+    assert len(_ids_of(sink.received)) == before + 1
+
+
+def test_hub_drain_that_cannot_write_cuts_the_connection() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024, max_queue=64 * 1024)
+    cuts: list[str] = []
+    hub.on_cut.append(lambda c, reason: cuts.append(reason))
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    hub.dispatch([_delivery(n) for n in range(1, 8)])
+    sink.drain()
+
+    def broken(data: bytes) -> None:
+        raise OSError("broken pipe")
+
+    conn.write = broken
+    hub.drain(conn)
+    assert cuts == ["write_error"] and conn.id not in hub.connections and conn.closed_reason == "write_error"
+
+
+def test_hub_end_survives_a_sink_that_fails() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024)
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    sink.closing = True  # writes now raise
+    hub.end(conn, "shutdown")
+    assert conn.id not in hub.connections and conn.closed_reason == "shutdown"
+
+
 def test_hub_drain_never_writes_to_a_connection_it_forgot() -> None:
     hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024, max_queue=64 * 1024)
     sink = FakeSink()

@@ -161,7 +161,7 @@ def test_demo_runs_tasks_a_reader_can_follow(server: ThreadServer) -> None:
         async with _sdk(server) as events:
             return await run_demo(events, DemoPlan(tasks=2, step_s=0.002, seed=7), report=lambda _: None)
 
-    with server.stream("demo-reader") as reader, server.stream("demo-user") as owner:
+    with server.stream("demo-reader") as reader, server.stream("demo") as owner:
         reader.read_count(1, event="connection.established")
         counts = asyncio.run(work())
         owner.read_count(1, event="system.notification", timeout=10)

@@ -11,18 +11,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER
+from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, mint_token
 from scribe_events.config import Settings
 from scribe_events.events import Event, TypeFilter
-from scribe_events.exceptions import BadRequest, InvalidJSON, NotReady, ValidationFailed
-from scribe_events.ids import IDEMPOTENCY_KEY
+from scribe_events.exceptions import BadRequest, InvalidJSON, NotFound, NotReady, ValidationFailed
+from scribe_events.ids import IDEMPOTENCY_KEY, check_text_id
 from scribe_events.metrics import CONTENT_TYPE, render
 from scribe_events.service import dump_with_raw, request_fingerprint
 from scribe_events.vocabulary import parse_publish
 from scribe_events.web import admin, stream, tasks
-from scribe_events.web.deps import AUTH_ERRORS, Caller, bearer, errors, runtime_of
+from scribe_events.web.deps import AUTH_ERRORS, Caller, UserId, bearer, errors, runtime_of
 
 
 class TicketOut(BaseModel):
@@ -235,13 +236,40 @@ async def metrics(request: Request) -> Response:
     return Response(render(owner.metrics), media_type=CONTENT_TYPE)
 
 
+STATIC = Path(__file__).parent.parent / "static"
+
+
 @router.get("/", include_in_schema=False)
 async def index() -> HTMLResponse:
-    return HTMLResponse((Path(__file__).parent.parent / "static" / "index.html").read_text())
+    """The demo page, built on the browser client (``/static/scribe-events.js``)."""
+    return HTMLResponse((STATIC / "index.html").read_text())
+
+
+class DevTokenIn(BaseModel):
+    user_id: UserId = "demo"
+
+
+@router.post("/api/v1/dev/token", include_in_schema=False)
+async def dev_token(request: Request, body: DevTokenIn) -> dict[str, Any]:
+    """Development only: a token for any user, signed with the generated dev secret, for the demo
+    page's one-click button. Answers 404 unless the server runs in development on its generated
+    secret and the caller is on this machine."""
+    rt = runtime_of(request)
+    s = rt.settings
+    peer = request.client.host if request.client else ""
+    local = peer in ("127.0.0.1", "::1", "localhost")
+    if s.environment != "development" or s.jwt_secret or s.jwt_public_key or not local:
+        raise NotFound("not found")
+    secret = s.signing_secret()
+    if secret is None:
+        raise NotFound("not found")
+    user = check_text_id(body.user_id, "user_id")
+    return {"token": mint_token(secret, user, ttl_s=24 * 3600), "user_id": user, "expires_in": 24 * 3600}
 
 
 def install(app: FastAPI, settings: Settings) -> None:
     app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(admin.router)
     app.include_router(tasks.router)
     generate = app.openapi
