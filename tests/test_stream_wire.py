@@ -28,8 +28,10 @@ def test_stream_headers_and_first_frame_bytes(server: ThreadServer) -> None:
             "instance",
             "heartbeat_interval_s",
             "resumed_from",
+            "last_event_id",  # ours, beyond the contract: where a fresh stream starts
         }
         assert hello["resumed_from"] is None
+        assert hello["last_event_id"] == "0"  # nothing stored yet
         assert hello["instance"] == "test-instance"
         assert hello["heartbeat_interval_s"] == 30
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", hello["server_time"])

@@ -86,7 +86,8 @@ export class ScribeEvents {
 
   /**
    * Handle envelopes of one type, of every type ("*"), a batch of them ("batch", with batching on),
-   * or status changes ("statuschange"). Returns a function that removes the handler.
+   * status changes ("statuschange": {status, previous}) or the next try being planned ("retry":
+   * {attempt, delay_ms, status}). Returns a function that removes the handler.
    * @param {string} type @param {(value: any) => void} handler
    */
   on(type, handler) {
@@ -248,6 +249,8 @@ export class ScribeEvents {
       try {
         const hello = JSON.parse(m.data);
         this.config = { ...this.config, heartbeat_interval_s: hello.heartbeat_interval_s || this.config.heartbeat_interval_s };
+        // A client that has seen nothing yet resumes from where this stream began.
+        if (this.lastEventId == null && hello.last_event_id != null) this.lastEventId = hello.last_event_id;
       } catch (_) {}
       this._alive();
       this._setStatus("open");
@@ -301,6 +304,7 @@ export class ScribeEvents {
     const base = Math.min(rc.max_delay_ms, rc.initial_delay_ms * 2 ** Math.min(this._failures - 1, 20));
     const delay = this.status === "polling" ? rc.max_delay_ms : base * (0.5 + Math.random() / 2);
     this.lastDelayMs = delay;
+    for (const h of this._handlers.get("retry") || []) safeCall(h, { attempt: this._failures, delay_ms: Math.round(delay), status: this.status });
     clearTimeout(this._retryTimer);
     this._retryTimer = this._later(() => this._connect(), delay);
   }
@@ -437,7 +441,7 @@ export class ScribeEvents {
 // Every type the service sends, so the stream listens to them all (EventSource has no wildcard);
 // custom types are listened to as soon as a handler for them is added with on().
 // Handler keys that are not event types.
-const NOT_EVENTS = new Set(["*", "statuschange", "batch", "replay.truncated"]);
+const NOT_EVENTS = new Set(["*", "statuschange", "retry", "batch", "replay.truncated"]);
 
 const BUILTIN_TYPES = [
   "task.progress-started",

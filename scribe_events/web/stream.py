@@ -109,19 +109,21 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
         transport.set_write_buffer_limits(high=hub.max_buffer)
     elif isinstance(sink, AsgiSink):
         sink.on_writable = functools.partial(hub.drain, conn)
+    hub.add(conn, from_seq=plan.after)
     hello = {
         "connection_id": conn.id,
         "server_time": rfc3339(now_ms()),
         "instance": runtime.settings.instance_id,
         "heartbeat_interval_s": runtime.settings.heartbeat_s,
         "resumed_from": last_id,
+        # Where this stream starts: a client that has seen no event yet resumes from here.
+        "last_event_id": str(conn.last_seq),
     }
     first = [
         sse.chunk(sse.frame(dumps(hello), event="connection.established", retry=runtime.settings.retry_ms))
     ]
     if plan.truncated is not None:
         first.append(sse.chunk(sse.frame(dumps(plan.truncated), event="replay.truncated")))
-    hub.add(conn, from_seq=plan.after)
     try:
         if hub.write_direct(conn, first) and await _task_state(runtime, conn, plan.after):
             await _replay(runtime, conn, plan.after)
