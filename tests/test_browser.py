@@ -46,6 +46,7 @@ class FlakyProxy:
         self.url = f"http://127.0.0.1:{self.port}"
         self._down = False
         self._open: set[socket.socket] = set()
+        self._stalled: set[socket.socket] = set()
         self._lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -71,6 +72,8 @@ class FlakyProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                if src in self._stalled or dst in self._stalled:
+                    continue  # swallowed: nothing arrives, nothing is closed
                 dst.sendall(data)
         except OSError:
             pass
@@ -92,6 +95,11 @@ class FlakyProxy:
 
     def up(self) -> None:
         self._down = False
+
+    def stall(self) -> None:
+        """The connections open now stop carrying bytes (a dead link); new ones work."""
+        with self._lock:
+            self._stalled |= set(self._open)
 
     def close(self) -> None:
         self.down()
@@ -325,3 +333,87 @@ def test_demo_page_shows_tasks_from_the_demo(browser: Any, fast: ThreadServer, t
     title = page.evaluate("document.querySelector('[data-task-id=p1] .title span').textContent")
     assert title == "Chapter <b>1</b>"  # shown as text, never as markup
     context.close()
+
+
+def test_browser_a_stream_without_heartbeats_is_dead_and_replaced(
+    browser: Any, fast: ThreadServer, proxy: FlakyProxy
+) -> None:
+    context = browser.new_context()
+    page = _open_page(context, proxy.url, fast.token("alice"))
+    _wait_status(page, "open")
+    proxy.stall()  # heartbeats every 2 s stop arriving; the socket stays open
+    t0 = time.monotonic()
+    page.wait_for_function("window.statuses.includes('reconnecting')", timeout=10_000)
+    assert time.monotonic() - t0 >= 2 * FAST["heartbeat_s"] - 0.5  # two intervals, not sooner
+    _wait_status(page, "open", timeout_ms=5000)
+    ids = _publish(fast, 1)
+    page.wait_for_function("window.got.length >= 1", timeout=5000)
+    assert _got_ids(page) == ids
+    context.close()
+
+
+def test_browser_batches_handler_calls_per_frame_and_keeps_a_hidden_tab_streaming(
+    browser: Any, fast: ThreadServer
+) -> None:
+    context = browser.new_context()
+    page = _open_page(context, fast.url, fast.token("alice"), batch="frame")
+    page.evaluate(
+        "() => { window.batches = []; window.c.on('batch', (b) => window.batches.push(b.length)); }"
+    )
+    _wait_status(page, "open")
+    # The tab is hidden: the stream stays (R5.4).
+    page.evaluate(
+        "Object.defineProperty(document, 'hidden', {value: true});"
+        "Object.defineProperty(document, 'visibilityState', {value: 'hidden'});"
+        "document.dispatchEvent(new Event('visibilitychange'))"
+    )
+    body = {"events": [{"type": "custom.tick", "user_id": "alice", "data": {"n": n}} for n in range(30)]}
+    page.evaluate("() => { window.c.on('custom.tick', () => {}); }")  # custom types: listened to once handled
+    ids = fast.publish_ok(body)
+    page.wait_for_function("window.got.length >= 30", timeout=5000)
+    assert _got_ids(page) == ids and _status(page) == "open"
+    batches = page.evaluate("window.batches")
+    assert sum(batches) == 30 and len(batches) < 30  # delivered in a few frames, not one call each
+    context.close()
+
+
+def test_demo_page_dev_token_and_the_demo_command(
+    browser: Any, make_server: MakeServer, tmp_path: Any
+) -> None:
+    """In development, on the generated secret, the page's button gets a token; the demo's tasks
+    then show as progress bars that end completed (one failed once and was retried)."""
+    import asyncio
+
+    from scribe_events.demo import DemoPlan, run_demo
+    from scribe_events.sdk import EventPublisher
+
+    server = make_server(jwt_secret=None, jwt_secret_file=str(tmp_path / "dev.secret"))
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(server.url + "/")
+    page.click("#devtoken")
+    page.wait_for_function("document.getElementById('status').dataset.status === 'open'")
+    secret = (tmp_path / "dev.secret").read_text().strip()
+    from scribe_events.auth import mint_token
+
+    async def demo() -> None:
+        async with EventPublisher(server.url, token=mint_token(secret, "w", roles=["publisher"])) as events:
+            await run_demo(events, DemoPlan(tasks=2, step_s=0.002, seed=3), report=lambda _: None)
+
+    worker = threading.Thread(target=asyncio.run, args=(demo(),))  # Playwright's loop owns this thread
+    worker.start()
+    worker.join(30)
+    page.wait_for_function("document.querySelectorAll('.task.completed').length === 2", timeout=10_000)
+    # The novel and both chapters (the second may be held for the coalescing window).
+    page.wait_for_function("document.querySelectorAll('#chapters li').length >= 3", timeout=5000)
+    assert "Draft ready" in page.evaluate("document.getElementById('notifications').textContent")
+    r = httpx.post(
+        server.url + "/api/v1/dev/token", json={"user_id": "x"}, headers={"X-Forwarded-For": "8.8.8.8"}
+    )
+    assert r.status_code == 200  # loopback peer; forwarded headers are not trusted
+    context.close()
+
+
+def test_dev_token_is_refused_outside_development_on_a_configured_secret(fast: ThreadServer) -> None:
+    r = httpx.post(fast.url + "/api/v1/dev/token", json={"user_id": "x"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
