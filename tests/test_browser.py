@@ -417,3 +417,29 @@ def test_demo_page_dev_token_and_the_demo_command(
 def test_dev_token_is_refused_outside_development_on_a_configured_secret(fast: ThreadServer) -> None:
     r = httpx.post(fast.url + "/api/v1/dev/token", json={"user_id": "x"})
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_browser_tabs_without_web_locks_elect_a_leader_over_broadcast_channel(
+    browser: Any, fast: ThreadServer
+) -> None:
+    context = browser.new_context()
+    context.add_init_script("Object.defineProperty(navigator, 'locks', {value: undefined})")
+    token = fast.token("alice")
+    first = _open_page(context, fast.url, token)
+    _wait_status(first, "open")
+    second = _open_page(context, fast.url, token)
+    second.wait_for_function("window.c.status === 'open'", timeout=5000)
+    time.sleep(1.5)  # several election rounds: still one leader
+    assert fast.connections() == 1
+    assert [first.evaluate("window.c.leader"), second.evaluate("window.c.leader")].count(True) == 1
+    ids = _publish(fast, 1)
+    for page in (first, second):
+        page.wait_for_function("window.got.length >= 1")
+    leader, other = (first, second) if first.evaluate("window.c.leader") else (second, first)
+    leader.close()
+    wait_for(lambda: other.evaluate("window.c.leader"), timeout=6)
+    more = _publish(fast, 2)
+    other.wait_for_function("window.got.length >= 2", timeout=5000)
+    assert _got_ids(other) == ids + more
+    wait_for(lambda: fast.connections() == 1, timeout=5)
+    context.close()

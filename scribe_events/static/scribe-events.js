@@ -144,7 +144,8 @@ export class ScribeEvents {
 
   /** Without Web Locks: the leader says it is alive every second; silence for 2.5 s, a tab takes over. */
   _elect() {
-    this._leaderSeen = 0;
+    // Give a leader that exists a chance to answer the hello before claiming the connection.
+    this._leaderSeen = Date.now() - 1500;
     this._bc.postMessage({ kind: "hello", from: this._tabId });
     const check = () => {
       if (this._closed) return;
@@ -152,14 +153,14 @@ export class ScribeEvents {
       if (this.leader) this._bc?.postMessage({ kind: "alive", from: this._tabId, status: this.status });
       this._later(check, 1000);
     };
-    this._later(check, 300 + Math.random() * 700);
+    this._later(check, 1000 + Math.random() * 500);
   }
 
   _fromTab(msg) {
     if (!msg || this._closed || msg.from === this._tabId) return;
     if (msg.kind === "event" && !this.leader) this._accept(msg.envelope, msg.ordered);
     else if (msg.kind === "status" && !this.leader) this._setStatus(msg.status);
-    else if (msg.kind === "hello" && this.leader) this._bc.postMessage({ kind: "status", from: this._tabId, status: this.status });
+    else if (msg.kind === "hello" && this.leader) this._bc.postMessage({ kind: "alive", from: this._tabId, status: this.status });
     else if (msg.kind === "alive") {
       if (this.leader && msg.from < this._tabId) this._abdicate(); // two leaders: the smaller id keeps it
       else if (!this.leader) {
@@ -171,6 +172,7 @@ export class ScribeEvents {
 
   _abdicate() {
     this.leader = false;
+    this._leaderSeen = Date.now();
     this._stopStream();
     this._stopPolling();
   }
