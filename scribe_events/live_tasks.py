@@ -42,7 +42,8 @@ MAX_HELD = 100_000  # held updates and open windows; past it, updates go out unt
 
 
 def _key(d: Delivery, by: str | None) -> Key:
-    return (by, d.user_id, d.session_id, d.broadcast, d.readers)
+    # Not the readers: a grant mid-window must not open a second window for the same task.
+    return (by, d.user_id, d.session_id, d.broadcast)
 
 
 class _Window:
@@ -84,6 +85,7 @@ class LiveTasks:
         # Whether any task may be running (refreshed by every heartbeat pass, set by every start):
         # a stream that opens asks the store for its tasks' state only when one may be.
         self.any_running = True
+        self._starts = 0  # tasks started seen: a heartbeat pass that began before one keeps the flag
 
     # -- the broker's sink ---------------------------------------------------------------------------
 
@@ -98,8 +100,8 @@ class LiveTasks:
 
     def _shape(self, deliveries: Sequence[Delivery]) -> list[Delivery]:
         if self.throttle_s <= 0 and self.coalesce_s <= 0:
-            if not self.any_running:
-                self.any_running = any(d.type == TASK_STARTED for d in deliveries)
+            if any(d.type == TASK_STARTED for d in deliveries):
+                self._started()
             return list(deliveries)
         now = self._clock()
         out: list[Delivery] = []
@@ -111,7 +113,8 @@ class LiveTasks:
                     self._progress, _key(d, d.task_id), d, now, self.throttle_s, self._let_progress
                 )
             elif d.task_id is not None and (t in TASK_ENDED or t == TASK_STARTED):
-                self.any_running = self.any_running or t == TASK_STARTED
+                if t == TASK_STARTED:
+                    self._started()
                 for key in self._task_keys.pop(d.task_id, ()):  # the last value goes out first
                     out.extend(self._release(self._progress, key, self._progress_out))
             elif t == CHAPTER_UPDATED and d.novel_id is not None and self.coalesce_s > 0:
@@ -121,6 +124,10 @@ class LiveTasks:
             if not held:
                 out.append(d)
         return out
+
+    def _started(self) -> None:
+        self.any_running = True
+        self._starts += 1
 
     def _hold(
         self,
@@ -209,6 +216,16 @@ class LiveTasks:
     def start(self) -> None:
         self._loop_task = supervise(self._beat_forever, "scribe-task-heartbeats")
 
+    def flush_all(self) -> None:
+        """Send everything held now (at shutdown, before the streams end: nothing held is lost)."""
+        for windows, build in ((self._progress, self._progress_out), (self._chapters, self._chapters_out)):
+            out = []
+            for key in list(windows):
+                out.extend(self._release(windows, key, build))
+            if out:
+                self.hub.dispatch(out)
+        self._task_keys.clear()
+
     async def close(self) -> None:
         for windows in (self._progress, self._chapters):
             for window in windows.values():
@@ -233,8 +250,10 @@ class LiveTasks:
     async def beat(self) -> int:
         """Send the heartbeats that are due; returns how many."""
         wall = now_ms()
+        starts = self._starts
         running = await self.store.silent_tasks(silent_since_ms=wall)
-        self.any_running = bool(running)
+        if running or starts == self._starts:  # a start seen meanwhile may not be in the answer
+            self.any_running = bool(running)
         silent = [t for t in running if wall - t.updated_ms >= self.heartbeat_s * 1000]
         now = self._clock()
         due = []
@@ -267,12 +286,23 @@ class LiveTasks:
             self.hub.dispatch(due)
         return len(due)
 
-    async def snapshot(self, user_id: str, through: int | None) -> list[Delivery]:
+    async def snapshot(
+        self, user_id: str, session_id: str | None, through: int, *, resuming: bool
+    ) -> list[Delivery]:
         """For a stream that opens: the newest progress of each running task the user may see (at
-        or below ``through``, where its replay begins), sent without ``id:`` lines."""
-        if not self.any_running:
-            return []
-        return [d.unordered() for d in sendable(await self.store.task_snapshot(user_id, through=through))]
+        or below ``through``: what comes after arrives in order), sent without ``id:`` lines. A
+        resuming stream also gets the chapter updates at or below its resume point from the last
+        coalescing window: one held for coalescing when the client left went out (if at all)
+        after newer ids, so the client's Last-Event-ID may have passed it unseen."""
+        found: list[Event] = []
+        if self.any_running:
+            found += await self.store.task_snapshot(user_id, through=through)
+        if resuming and self.coalesce_s > 0:
+            since = now_ms() - int((self.coalesce_s + 1.0) * 1000)
+            found += await self.store.read_recent(
+                user_id, session_id, type_=CHAPTER_UPDATED, since_ms=since, through=through
+            )
+        return [d.unordered() for d in sendable(found)]
 
 
 def coalesce_chapters(held: list[Delivery]) -> Delivery:

@@ -44,12 +44,13 @@ class PublishError(Exception):
 
 
 class _Held:
-    __slots__ = ("event", "opened", "timer")
+    __slots__ = ("event", "opened", "sending", "timer")
 
     def __init__(self, opened: float) -> None:
         self.opened = opened
         self.event: dict[str, Any] | None = None
-        self.timer: asyncio.Task[None] | None = None
+        self.timer: asyncio.Task[None] | None = None  # waiting for the window to end
+        self.sending: asyncio.Future[str] | None = None  # the held update on its way (maybe retrying)
 
 
 class EventPublisher:
@@ -199,18 +200,25 @@ class EventPublisher:
         if event is None:
             self._progress.pop(task_id, None)
             return
+        held.sending = asyncio.ensure_future(self.send(event))
         try:
-            await self.send(event)
+            await held.sending
         except PublishError as exc:
             log.warning("a held progress update of %s was not sent: %s", task_id, exc)
+        finally:
+            held.sending = None
 
     async def _flush(self, task_id: str) -> None:
-        """Send the task's held progress update now (before its completion, failure or restart)."""
+        """Send the task's held progress update now, or wait for the one on its way: before the
+        task's completion, failure or restart, never after it."""
         held = self._progress.pop(task_id, None)
         if held is None:
             return
         if held.timer is not None:
             held.timer.cancel()
+        if held.sending is not None:
+            with contextlib.suppress(PublishError):
+                await asyncio.shield(held.sending)
         if held.event is not None:
             await self.send(held.event)
 

@@ -32,6 +32,7 @@ class Server(uvicorn.Server):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         runtime = self.scribe_app.runtime
         if runtime is not None:
+            runtime.live.flush_all()  # what is held for throttling or coalescing goes out first
             await runtime.hub.close()
         await super().shutdown(sockets=sockets)
 

@@ -443,3 +443,40 @@ def test_browser_tabs_without_web_locks_elect_a_leader_over_broadcast_channel(
     assert _got_ids(other) == ids + more
     wait_for(lambda: fast.connections() == 1, timeout=5)
     context.close()
+
+
+def test_browser_timers_stay_few_however_many_events_arrive(browser: Any, fast: ThreadServer) -> None:
+    """Regression (review): every event re-armed the stall timer and left the old one's id in
+    the timer set, which grew by one entry an event."""
+    context = browser.new_context()
+    page = _open_page(context, fast.url, fast.token("alice"))
+    _wait_status(page, "open")
+    page.evaluate("() => { window.c.on('custom.tick', () => {}); }")
+    for _ in range(4):
+        fast.publish_ok({"events": [{"type": "custom.tick", "user_id": "alice"} for _ in range(50)]})
+    page.wait_for_function("window.got.length >= 200", timeout=5000)
+    assert page.evaluate("window.c._timers.size") <= 3
+    context.close()
+
+
+def test_browser_a_tab_that_saw_nothing_takes_over_without_missing_events(
+    browser: Any, fast: ThreadServer
+) -> None:
+    """Regression (review): a follower that had seen no event yet took over 'from now' and missed
+    what was published while the leader was gone; the leader now tells followers where it is.
+    (Without Web Locks the takeover waits out the leader's silence, so the gap is certain.)"""
+    context = browser.new_context()
+    context.add_init_script("Object.defineProperty(navigator, 'locks', {value: undefined})")
+    token = fast.token("alice")
+    first = _open_page(context, fast.url, token)
+    _wait_status(first, "open")
+    second = _open_page(context, fast.url, token)
+    _wait_status(second, "open")
+    time.sleep(1.5)
+    assert first.evaluate("window.c.leader")
+    first.close()
+    gap = _publish(fast, 1)  # nobody holds a stream right now
+    wait_for(lambda: second.evaluate("window.c.leader"), timeout=5)
+    second.wait_for_function("window.got.length >= 1", timeout=5000)
+    assert _got_ids(second) == gap
+    context.close()

@@ -186,3 +186,59 @@ def test_demo_command_against_a_running_server(server: ThreadServer, tmp_path: A
     assert "1 tasks completed" in out.stdout
     bad = cli("demo", "--tasks", "0", cwd=tmp_path, env=env)
     assert bad.returncode != 0
+
+
+class DropOneRequestProxy(AnswerDroppingProxy):
+    """The n-th request never reaches the server (its connection is closed instead)."""
+
+    def __init__(self, target: int, nth: int) -> None:
+        super().__init__(target, drop=0)
+        self.nth = nth
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        try:
+            while True:
+                request = _read_message(client)
+                if request is None:
+                    return
+                self.forwarded += 1
+                if self.forwarded == self.nth:
+                    return
+                upstream.sendall(request)
+                answer = _read_message(upstream)
+                if answer is None:
+                    return
+                client.sendall(answer)
+        finally:
+            client.close()
+            upstream.close()
+
+
+def test_sdk_completion_waits_for_a_held_update_still_on_its_way(server: ThreadServer) -> None:
+    """Regression (review): the completion was posted while the held progress update was still
+    retrying; the update then landed after it (refused: task_ended) and the last value was lost."""
+    proxy = DropOneRequestProxy(server.port, nth=3)  # started, 1st update, then the held one
+
+    async def work() -> EventPublisher:
+        async with EventPublisher(
+            f"http://127.0.0.1:{proxy.port}", token=server.publisher(), progress_interval_s=0.2, backoff_s=0.4
+        ) as e:
+            await e.task_started("s9", owner="alice")
+            for p in range(1, 40):
+                await e.task_progress("s9", p)
+            await asyncio.sleep(0.3)  # the window ended: the held update (39) is on its way, retrying
+            await e.task_completed("s9", summary="done")
+            return e
+
+    try:
+        with server.stream("alice") as alice:
+            alice.read_count(1, event="connection.established")
+            asyncio.run(work())
+            alice.read_count(1, event="task.progress-completed", timeout=5)
+    finally:
+        proxy.close()
+    kinds = [
+        (m.event, m.json()["data"].get("progress")) for m in alice.events() if m.event.startswith("task.")
+    ]
+    assert kinds[-2:] == [("task.progress-updated", 39), ("task.progress-completed", None)], kinds

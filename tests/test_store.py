@@ -368,3 +368,17 @@ def test_store_task_readers_grants_and_visibility(store_config: dict[str, Any]) 
         assert [e.id for e in page] == [third.id]
 
     run(_with_store(store_config, body))
+
+
+def test_store_retention_forgets_tasks_nobody_heard_of_since_the_cutoff(store_config: dict[str, Any]) -> None:
+    """Regression (review): tasks were never deleted, so a task whose worker died stayed running
+    (and heartbeating stalled) for ever."""
+
+    async def body(store: SQLEventStore) -> None:
+        await store.append([_task_event("task.progress-started", "old", owner="alice", readers=["bob"])])
+        assert [t.task_id for t in await store.silent_tasks(silent_since_ms=now_ms() + 1)] == ["old"]
+        await store.purge(now_ms() + DAY)
+        assert await store.silent_tasks(silent_since_ms=now_ms() + DAY) == []
+        assert await store.task("old") is None
+
+    run(_with_store(store_config, body))

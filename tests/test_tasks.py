@@ -333,3 +333,123 @@ def test_chapter_updates_of_one_novel_in_a_window_arrive_as_one(make_server: Mak
     assert n1[-1]["data"]["coalesced"] == 49
     n2 = [m.json() for m in alice.events("content.chapter-updated") if m.json()["data"]["novel_id"] == "n2"]
     assert [e["data"]["chapter_id"] for e in n2] == ["x"]  # other novels are not mixed in
+
+
+def _chapter(novel: str, chapter: str, user: str = "alice") -> dict[str, Any]:
+    return {
+        "type": "content.chapter-updated",
+        "user_id": user,
+        "data": {"novel_id": novel, "chapter_id": chapter},
+    }
+
+
+def test_a_chapter_held_for_coalescing_is_not_lost_by_a_client_that_leaves_in_the_window(
+    make_server: MakeServer,
+) -> None:
+    """Regression (review): a held update goes out late without an id: line, after newer ids; a
+    client that left before the window ended resumed past it and never got it. A resuming stream
+    now gets the chapter updates at or below its resume point from the last window."""
+    server = make_server(coalesce_window_s=1.0)
+    with _open(server, "alice") as alice:
+        first = server.publish_ok(_chapter("n1", "c1"))
+        held = server.publish_ok(_chapter("n1", "c2"))  # within the window: held
+        newer = server.publish_ok({"type": "custom.other", "user_id": "alice"})
+        alice.read_until(lambda ms: any(m.id == newer[0] for m in ms))
+    assert [m.json()["id"] for m in alice.events("content.chapter-updated")] == first  # c2 not yet
+    with server.stream("alice", headers={"Last-Event-ID": newer[0]}) as again:
+        got = again.read_until(
+            lambda ms: any(m.event == "content.chapter-updated" and m.json()["id"] == held[0] for m in ms),
+            timeout=3,
+        )
+    late = [m for m in got if m.event == "content.chapter-updated" and m.json()["id"] == held[0]]
+    assert late[0].id is None  # state, not sequence: the client's Last-Event-ID stays
+
+
+def test_held_events_go_out_before_the_streams_end_at_shutdown(make_server: MakeServer) -> None:
+    server = make_server(coalesce_window_s=30.0, progress_throttle_s=30.0)
+    server.publish_ok(_started("t20", "alice"))
+    with _open(server, "alice") as alice:
+        alice.read_count(1)  # the task's state
+        server.publish_ok(_update("t20", 10))
+        server.publish_ok(_update("t20", 20))  # held for 30 s
+        server.publish_ok(_chapter("n2", "a"))
+        server.publish_ok(_chapter("n2", "b"))  # held for 30 s
+        alice.read_count(3)
+        server.stop()
+        alice.wait_closed(timeout=10)
+    progress = [m.json()["data"]["progress"] for m in alice.events("task.progress-updated")]
+    assert progress[-1] == 20
+    assert [m.json()["data"].get("chapter_id") for m in alice.events("content.chapter-updated")][-1] == "b"
+
+
+def test_a_grant_mid_window_never_sends_an_older_progress_after_a_newer_one(
+    quiet_throttle: ThreadServer,
+) -> None:
+    """Regression (review): the throttle's key held the readers, so a grant opened a second window
+    for the task and the owner got 30 % and then the older 20 %."""
+    server = quiet_throttle
+    server.publish_ok(_started("t21", "alice"))
+    with _open(server, "alice") as alice:
+        alice.read_count(1)
+        for p in (10, 20):
+            server.publish_ok(_update("t21", p))
+        assert _grant(server, "t21", "bob").status_code == 200
+        server.publish_ok(_update("t21", 30))
+        alice.read_until(
+            lambda ms: any(
+                m.event == "task.progress-updated" and m.json()["data"]["progress"] == 30 for m in ms
+            ),
+            timeout=3,
+        )
+        alice.idle(0.7)
+    values = [m.json()["data"]["progress"] for m in alice.events("task.progress-updated")]
+    assert values == sorted(values) and values[-1] == 30, values
+
+
+@pytest.fixture
+def quiet_throttle(make_server: MakeServer) -> ThreadServer:
+    return make_server(progress_throttle_s=0.5, coalesce_window_s=0)
+
+
+def test_a_fresh_stream_reads_task_state_only_up_to_where_it_starts(quiet: ThreadServer) -> None:
+    """Regression (review): a fresh stream's task state was read with no upper bound, after the
+    stream was registered; an update newer than one parked for it came first, and the parked
+    older one then looked current. The state is read at or below the stream's start."""
+    server = quiet
+    server.publish_ok(_started("t22", "alice"))
+    server.publish_ok(_update("t22", 50))
+    seen: list[Any] = []
+    live = server.runtime.live
+    real = live.snapshot
+
+    async def spy(user: str, session: str | None, through: int, *, resuming: bool) -> Any:
+        seen.append((through, server.runtime.hub.last_seq, resuming))
+        return await real(user, session, through, resuming=resuming)
+
+    live.snapshot = spy
+    try:
+        with _open(server, "alice") as alice:
+            alice.read_count(1)
+    finally:
+        live.snapshot = real
+    assert seen == [(server.runtime.hub.last_seq, server.runtime.hub.last_seq, False)]
+
+
+def test_a_heartbeat_pass_that_began_before_a_start_does_not_hide_it() -> None:
+    """Regression (review): the pass's answer (no running task) overwrote the flag a start had just
+    set, and streams opening then skipped the task state."""
+    import asyncio
+
+    from scribe_events.hub import Hub
+    from scribe_events.live_tasks import LiveTasks
+
+    class SlowStore:
+        async def silent_tasks(self, *, silent_since_ms: int, limit: int = 1000) -> list[Any]:
+            live._started()  # a task starts while this query runs; the answer predates it
+            return []
+
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=1024)
+    live = LiveTasks(hub, SlowStore(), throttle_s=1, coalesce_s=1, heartbeat_s=60, stall_s=300)  # type: ignore[arg-type]
+    live.any_running = False
+    asyncio.run(live.beat())
+    assert live.any_running

@@ -150,7 +150,7 @@ export class ScribeEvents {
     const check = () => {
       if (this._closed) return;
       if (!this.leader && Date.now() - this._leaderSeen > 2500) this._lead();
-      if (this.leader) this._bc?.postMessage({ kind: "alive", from: this._tabId, status: this.status });
+      if (this.leader) this._bc?.postMessage({ kind: "alive", from: this._tabId, status: this.status, last_event_id: this.lastEventId });
       this._later(check, 1000);
     };
     this._later(check, 1000 + Math.random() * 500);
@@ -158,9 +158,11 @@ export class ScribeEvents {
 
   _fromTab(msg) {
     if (!msg || this._closed || msg.from === this._tabId) return;
+    // A tab that has seen no event yet takes over from where the leader's stream is.
+    if (!this.leader && this.lastEventId == null && msg.last_event_id != null) this.lastEventId = msg.last_event_id;
     if (msg.kind === "event" && !this.leader) this._accept(msg.envelope, msg.ordered);
     else if (msg.kind === "status" && !this.leader) this._setStatus(msg.status);
-    else if (msg.kind === "hello" && this.leader) this._bc.postMessage({ kind: "alive", from: this._tabId, status: this.status });
+    else if (msg.kind === "hello" && this.leader) this._bc.postMessage({ kind: "alive", from: this._tabId, status: this.status, last_event_id: this.lastEventId });
     else if (msg.kind === "alive") {
       if (this.leader && msg.from < this._tabId) this._abdicate(); // two leaders: the smaller id keeps it
       else if (!this.leader) {
@@ -226,7 +228,7 @@ export class ScribeEvents {
 
   async _connect() {
     if (this._closed || !this.leader || this._es) return;
-    clearTimeout(this._retryTimer);
+    this._clear(this._retryTimer);
     if (this.status !== "polling") this._setStatus(this._failures === 0 && !this._everOpen ? "connecting" : "reconnecting");
     let ticket;
     try {
@@ -253,6 +255,7 @@ export class ScribeEvents {
         this.config = { ...this.config, heartbeat_interval_s: hello.heartbeat_interval_s || this.config.heartbeat_interval_s };
         // A client that has seen nothing yet resumes from where this stream began.
         if (this.lastEventId == null && hello.last_event_id != null) this.lastEventId = hello.last_event_id;
+        this._bc?.postMessage({ kind: "status", from: this._tabId, status: this.status, last_event_id: this.lastEventId });
       } catch (_) {}
       this._alive();
       this._setStatus("open");
@@ -288,7 +291,7 @@ export class ScribeEvents {
   }
 
   _alive() {
-    clearTimeout(this._stallTimer);
+    this._clear(this._stallTimer);
     const ms = 2 * 1000 * (this.config.heartbeat_interval_s || 30);
     this._stallTimer = this._later(() => {
       if (!this._es) return;
@@ -307,21 +310,21 @@ export class ScribeEvents {
     const delay = this.status === "polling" ? rc.max_delay_ms : base * (0.5 + Math.random() / 2);
     this.lastDelayMs = delay;
     for (const h of this._handlers.get("retry") || []) safeCall(h, { attempt: this._failures, delay_ms: Math.round(delay), status: this.status });
-    clearTimeout(this._retryTimer);
+    this._clear(this._retryTimer);
     this._retryTimer = this._later(() => this._connect(), delay);
   }
 
   _online() {
     if (this._closed || !this.leader || this._es || this.config.mode === "polling") return;
     this._failures = Math.min(this._failures, 1);
-    clearTimeout(this._retryTimer);
+    this._clear(this._retryTimer);
     this._connect();
     if (this.status === "polling") this._poll();
   }
 
   _stopStream() {
-    clearTimeout(this._stallTimer);
-    clearTimeout(this._retryTimer);
+    this._clear(this._stallTimer);
+    this._clear(this._retryTimer);
     if (this._es) {
       this._es.onerror = null;
       this._es.close();
@@ -337,12 +340,12 @@ export class ScribeEvents {
   }
 
   _stopPolling() {
-    clearTimeout(this._pollTimer);
+    this._clear(this._pollTimer);
     this._pollTimer = null;
   }
 
   async _poll() {
-    clearTimeout(this._pollTimer);
+    this._clear(this._pollTimer);
     this._pollTimer = -1; // polling, a request on its way
     try {
       const q = new URLSearchParams({ limit: "500" });
@@ -410,7 +413,7 @@ export class ScribeEvents {
     const previous = this.status;
     this.status = status;
     for (const h of this._handlers.get("statuschange") || []) safeCall(h, { status, previous });
-    if (this.leader && this._bc) this._bc.postMessage({ kind: "status", from: this._tabId, status });
+    if (this.leader && this._bc) this._bc.postMessage({ kind: "status", from: this._tabId, status, last_event_id: this.lastEventId });
   }
 
   // -- plumbing ------------------------------------------------------------------------------------
@@ -428,6 +431,12 @@ export class ScribeEvents {
     } finally {
       this._aborts.delete(abort);
     }
+  }
+
+  _clear(t) {
+    if (t == null || t === -1) return;
+    clearTimeout(t);
+    this._timers.delete(t);
   }
 
   _later(fn, ms) {

@@ -94,6 +94,20 @@ class EventStore(abc.ABC):
         """Events after ``after`` that this user (and session) may see, oldest first."""
 
     @abc.abstractmethod
+    async def read_recent(
+        self,
+        user_id: str,
+        session_id: str | None,
+        *,
+        type_: str,
+        since_ms: int,
+        through: int,
+        limit: int = 500,
+    ) -> list[Event]:
+        """Events of one type stored since ``since_ms``, at or below ``through``, that this user
+        (and session) may see, oldest first."""
+
+    @abc.abstractmethod
     async def read_all(self, *, after: int, limit: int, until: int | None = None) -> Page:
         """Every event after ``after`` (up to ``until``), whoever it is for: the outbox relay's view."""
 

@@ -18,7 +18,14 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from scribe_events.store.schema import events, failed_deliveries, idempotency_keys, store_meta
+from scribe_events.store.schema import (
+    events,
+    failed_deliveries,
+    idempotency_keys,
+    store_meta,
+    task_readers,
+    tasks,
+)
 
 DAY_MS = 86_400_000
 DAYS_AHEAD = 3
@@ -107,6 +114,7 @@ async def purge(engine: AsyncEngine, dialect: str, cutoff_ms: int, progress: Pro
             else []
         )
         if not total and not old_days:
+            await _forget_old(conn, cutoff_ms)
             if progress:
                 progress(0, 0)
             return 0
@@ -141,9 +149,18 @@ async def purge(engine: AsyncEngine, dialect: str, cutoff_ms: int, progress: Pro
         if deleted < BATCH:
             break
     async with engine.begin() as conn:
-        await conn.execute(sa.delete(idempotency_keys).where(idempotency_keys.c.created_ms < cutoff_ms))
-        await conn.execute(sa.delete(failed_deliveries).where(failed_deliveries.c.failed_ms < cutoff_ms))
+        await _forget_old(conn, cutoff_ms)
     return done
+
+
+async def _forget_old(conn: AsyncConnection, cutoff_ms: int) -> None:
+    """Idempotency keys, failure records and tasks last heard of before the cutoff (a task whose
+    worker died stays running, silent, until retention forgets it)."""
+    await conn.execute(sa.delete(idempotency_keys).where(idempotency_keys.c.created_ms < cutoff_ms))
+    await conn.execute(sa.delete(failed_deliveries).where(failed_deliveries.c.failed_ms < cutoff_ms))
+    old_tasks = sa.select(tasks.c.task_id).where(tasks.c.updated_ms < cutoff_ms).scalar_subquery()
+    await conn.execute(sa.delete(task_readers).where(task_readers.c.task_id.in_(old_tasks)))
+    await conn.execute(sa.delete(tasks).where(tasks.c.updated_ms < cutoff_ms))
 
 
 async def size_bytes(conn: AsyncConnection, dialect: str) -> int:

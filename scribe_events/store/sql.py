@@ -64,6 +64,21 @@ def crypto_context(type_: str, user_id: str | None, session_id: str | None, broa
     return f"{type_}|{user_id or ''}|{session_id or ''}|{int(broadcast)}"
 
 
+def _visible(user_id: str, session_id: str | None) -> Any:
+    """SQL: the rows this user (and session) may read: broadcasts, theirs (a session sees the
+    user's events for no session and for its own), and their tasks' (see store/tasks.py). The
+    one visibility rule of replay and polling."""
+    t = events.c
+    session_ok = (
+        t.session_id.is_(None)
+        if session_id is None
+        else sa.or_(t.session_id.is_(None), t.session_id == session_id)
+    )
+    return sa.or_(
+        t.broadcast.is_(True), sa.and_(t.user_id == user_id, session_ok), task_store.visible_to(user_id)
+    )
+
+
 class SQLEventStore(SQLUpkeep, EventStore):
     def __init__(
         self,
@@ -375,23 +390,30 @@ class SQLEventStore(SQLUpkeep, EventStore):
         types: TypeFilter | None = None,
     ) -> Page:
         t = events.c
-        session_ok = (
-            t.session_id.is_(None)
-            if session_id is None
-            else sa.or_(t.session_id.is_(None), t.session_id == session_id)
-        )
-        where = [
-            t.id > after,
-            sa.or_(
-                t.broadcast.is_(True),
-                sa.and_(t.user_id == user_id, session_ok),
-                task_store.visible_to(user_id),
-            ),
-        ]
+        where = [t.id > after, _visible(user_id, session_id)]
         if types is not None:
             where.append(sa.or_(*(t.type.like(p, escape="\\") for p in types.sql_like())))
         stmt = sa.select(*EVENT_COLUMNS).where(*where).order_by(t.id).limit(limit)
         return self._page(await self._rows(stmt), after=after, limit=limit)
+
+    async def read_recent(
+        self,
+        user_id: str,
+        session_id: str | None,
+        *,
+        type_: str,
+        since_ms: int,
+        through: int,
+        limit: int = 500,
+    ) -> list[Event]:
+        t = events.c
+        stmt = (
+            sa.select(*EVENT_COLUMNS)
+            .where(t.id <= through, t.time_ms >= since_ms, t.type == type_, _visible(user_id, session_id))
+            .order_by(t.id)
+            .limit(limit)
+        )
+        return list(self._page(await self._rows(stmt), after=0, limit=limit))
 
     async def read_all(self, *, after: int, limit: int, until: int | None = None) -> Page:
         where = [events.c.id > after]

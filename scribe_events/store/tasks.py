@@ -213,7 +213,7 @@ async def running(conn: AsyncConnection, *, silent_since_ms: int, limit: int) ->
         await conn.execute(
             sa.select(tasks)
             .where(tasks.c.status == RUNNING, tasks.c.updated_ms <= silent_since_ms)
-            .order_by(tasks.c.updated_ms)
+            .order_by(tasks.c.updated_ms.desc())  # newest first: abandoned tasks never starve live ones
             .limit(limit)
         )
     ).all()
@@ -231,7 +231,7 @@ async def running_for(conn: AsyncConnection, user_id: str, limit: int) -> list[s
         sa.select(tasks.c.task_id)
         .join(task_readers, r.task_id == tasks.c.task_id)
         .where(r.user_id == user_id, tasks.c.status == RUNNING)
-        .order_by(tasks.c.started_ms)
+        .order_by(tasks.c.started_ms.desc())  # the newest tasks, if a user has more than the limit
         .limit(limit)
     )
     return [row[0] for row in rows]

@@ -166,6 +166,9 @@ class ScribeApp:
             stack.push_async_callback(publisher.close)
             hub.start()
             stack.push_async_callback(hub.close)
+            stack.callback(
+                live.flush_all
+            )  # runs first at shutdown: what is held goes out before the streams end
             live.start()
             registry.start()
             stack.push_async_callback(registry.close)

@@ -171,7 +171,11 @@ async def _task_state(runtime: Runtime, conn: Connection, after: int | None) -> 
     """The newest progress of each running task this stream may see, before anything else (R3);
     False if the connection is gone."""
     try:
-        state = await runtime.live.snapshot(conn.user_id, after)
+        # At or below where the stream starts: what is newer comes in order, live or replayed.
+        through = after if after is not None else conn.last_seq
+        state = await runtime.live.snapshot(
+            conn.user_id, conn.session_id, through, resuming=after is not None
+        )
     except ServiceUnavailable as exc:
         log.warning("task state for %s skipped: %s", conn.id, exc)
         return conn.id in runtime.hub.connections
