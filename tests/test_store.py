@@ -334,14 +334,17 @@ def test_store_task_readers_grants_and_visibility(store_config: dict[str, Any]) 
     async def body(store: SQLEventStore) -> None:
         assert await store.grant("nope", "bob") is None  # no such task
         started = _task_event("task.progress-started", "t1", owner="alice", readers=["bob"])
+        started.time_ms -= 2 * DAY  # old events; the task itself is heard of now
         await store.append([started])
         assert started.readers == ("alice", "bob")
         first = _task_event("custom.step", "t1", n=1)
+        first.time_ms -= 2 * DAY
         await store.append([first])
         granted = await store.grant("t1", "carol")
         assert granted is not None and granted.readers == ("alice", "bob", "carol")
         assert (await store.grant("t1", "carol")).readers == ("alice", "bob", "carol")  # once
         second = _task_event("custom.step", "t1", n=2)
+        second.time_ms -= 2 * DAY
         await store.append([second])
         assert second.readers == ("alice", "bob", "carol")
         ids = [started.id, first.id, second.id]
@@ -359,8 +362,9 @@ def test_store_task_readers_grants_and_visibility(store_config: dict[str, Any]) 
         live.persist = False
         await store.append([], live=[live])
         assert live.readers == ("alice", "bob", "carol")
-        # Retention may purge every event while the task goes on: a grant still works.
-        await store.purge(now_ms() + DAY)
+        # Retention may purge every event of a task that goes on: a grant still works.
+        await store.purge(now_ms() - DAY)
+        assert await store.read_ids([started.id, first.id, second.id]) == []
         assert (await store.grant("t1", "erin")).readers[-1] == "erin"
         third = _task_event("custom.step", "t1", n=3)
         await store.append([third])
