@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+import redis
 
 from tests.harness import ThreadServer
 
@@ -37,6 +38,7 @@ def server(make_server: MakeServer) -> ThreadServer:
 
 # --- real PostgreSQL: each test gets its own schema --------------------------------------------
 
+REDIS_URL = "redis://127.0.0.1:6379/0"
 PG_URL = os.environ.get("SCRIBE_EVENTS_TEST_PG_URL", "postgresql+asyncpg://root@127.0.0.1:5432/test")
 REQUIRE_SERVICES = os.environ.get("SCRIBE_EVENTS_TEST_REQUIRE_SERVICES") == "1"
 
@@ -95,3 +97,21 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         said = ", ".join(f"{n} for {s}" for s, n in missing.items())
         start = " and ".join(f"`{_SERVICES[s]}`" for s in missing)
         terminalreporter.write_line(f"skipped {said} (not running); start with {start}", yellow=True)
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
+    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        if REQUIRE_SERVICES:
+            pytest.fail(f"Redis is required here and unreachable: {exc}")
+        pytest.skip(f"Redis unreachable: {exc}")
+    prefix = f"t{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    for key in client.scan_iter(match=prefix + "*"):
+        client.delete(key)
+    client.close()

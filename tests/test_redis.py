@@ -9,7 +9,6 @@ import signal
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,28 +18,8 @@ import pytest
 import redis
 
 from scribe_events.auth import mint_token
-from tests.conftest import PG_URL, REQUIRE_SERVICES, _pg_execute
+from tests.conftest import PG_URL, REDIS_URL, _pg_execute
 from tests.harness import SECRET, ProcessServer, RawStream, bound_socket, cli, wait_for
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        if REQUIRE_SERVICES:
-            pytest.fail(f"Redis is required here and unreachable: {exc}")
-        pytest.skip(f"Redis unreachable: {exc}")
-    prefix = f"t{uuid.uuid4().hex[:10]}:"
-    yield prefix
-    for key in client.scan_iter(match=prefix + "*"):
-        client.delete(key)
-    client.close()
 
 
 def _env(schema: str, prefix: str, name: str, redis_url: str = REDIS_URL, **extra: str) -> dict[str, str]:
