@@ -270,6 +270,26 @@ def test_hub_end_survives_a_sink_that_fails() -> None:
     assert conn.id not in hub.connections and conn.closed_reason == "shutdown"
 
 
+def test_hub_heartbeat_drains_a_backlog_the_transport_never_said_it_could_take() -> None:
+    """A sink without flow control (no resume callback): the shared heartbeat drains it."""
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024, max_queue=64 * 1024)
+    sink = FakeSink()
+    conn = Connection("c1", "u", None, sink)
+    hub.add(conn)
+    hub.dispatch([_delivery(n) for n in range(1, 10)])
+    assert conn.backlog is not None
+    hub.heartbeat()  # still full: nothing more is written, not even the heartbeat
+    held = len(conn.backlog)
+    assert held > 0 and not any(b"event: heartbeat" in c for c in sink.received)
+    sink.drain()
+    hub.heartbeat()
+    assert conn.backlog is None or len(conn.backlog) < held
+    while conn.backlog is not None:
+        sink.drain()
+        hub.heartbeat()
+    assert _ids_of(sink.received) == [str(n) for n in range(1, 10)]
+
+
 def test_hub_drain_never_writes_to_a_connection_it_forgot() -> None:
     hub = Hub(instance="i", heartbeat_s=30, max_buffer=2 * 1024, max_queue=64 * 1024)
     sink = FakeSink()

@@ -333,6 +333,8 @@ def test_store_task_readers_grants_and_visibility(store_config: dict[str, Any]) 
 
     async def body(store: SQLEventStore) -> None:
         assert await store.grant("nope", "bob") is None  # no such task
+        async with store._engine.connect() as conn:  # and no reader left behind for it
+            assert (await conn.execute(sa.text("SELECT count(*) FROM task_readers"))).scalar() == 0
         started = _task_event("task.progress-started", "t1", owner="alice", readers=["bob"])
         started.time_ms -= 2 * DAY  # old events; the task itself is heard of now
         await store.append([started])

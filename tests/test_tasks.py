@@ -356,6 +356,7 @@ def test_a_chapter_held_for_coalescing_is_not_lost_by_a_client_that_leaves_in_th
         newer = server.publish_ok({"type": "custom.other", "user_id": "alice"})
         alice.read_until(lambda ms: any(m.id == newer[0] for m in ms))
     assert [m.json()["id"] for m in alice.events("content.chapter-updated")] == first  # c2 not yet
+    time.sleep(1.3)  # the window ends while nobody is connected: c2 goes out to no one
     with server.stream("alice", headers={"Last-Event-ID": newer[0]}) as again:
         got = again.read_until(
             lambda ms: any(m.event == "content.chapter-updated" and m.json()["id"] == held[0] for m in ms),
