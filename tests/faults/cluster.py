@@ -20,10 +20,10 @@ import httpx
 from scribe_events.auth import mint_token
 from scribe_events.store import migrate
 from scribe_events.store.sql import SQLEventStore
-from tests.conftest import PG_URL, _pg_dsn
+from tests.conftest import PG_URL, REDIS_URL, _pg_dsn
 from tests.faults.ledger import BROADCAST, Ledger
 from tests.harness import SECRET, ProcessServer, free_port, wait_for
-from tests.test_redis import REDIS_URL, _env
+from tests.test_redis import _env
 
 PUBLISHER = {"Authorization": f"Bearer {mint_token(SECRET, 'worker', roles=['publisher'])}"}
 ADMIN = {"Authorization": f"Bearer {mint_token(SECRET, 'root', roles=['admin'])}"}

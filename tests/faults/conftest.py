@@ -15,9 +15,9 @@ import redis
 from tests.conftest import REQUIRE_SERVICES, _pg_execute
 from tests.faults.cluster import Cluster, Size
 from tests.harness import free_port
-from tests.test_redis import _redis_server, redis_prefix
+from tests.test_redis import _redis_server
 
-__all__ = ["OwnRedis", "cluster", "fault_schema", "own_redis", "redis_prefix"]
+__all__ = ["OwnRedis", "cluster", "fault_schema", "own_redis"]
 
 
 class OwnRedis:
