@@ -388,3 +388,35 @@ def test_store_retention_forgets_tasks_nobody_heard_of_since_the_cutoff(store_co
         assert await store.task("old") is None
 
     run(_with_store(store_config, body))
+
+
+def test_store_events_read_back_keep_their_routing_and_sealed_ones_open(store_config: dict[str, Any]) -> None:
+    """What the relay and resend send again comes back from the store exactly as it was routed;
+    a sensitive event for a session opens (its ciphertext is bound to type, user, session and
+    broadcast), and one that cannot be opened is skipped and counted, never failing the read."""
+
+    async def body(store: SQLEventStore) -> None:
+        batch = [
+            ev("u", n=1, session_id="s1", sensitive=True),
+            ev(None, n=2, broadcast=True),
+            ev("v", n=3, novel_id="n9"),
+        ]
+        await store.append(batch)
+        back = list(await store.read_all(after=0, limit=10))
+        assert [(e.user_id, e.session_id, e.broadcast, e.novel_id) for e in back] == [
+            ("u", "s1", False, None),
+            (None, None, True, None),
+            ("v", None, False, "n9"),
+        ]
+        assert [json.loads(e.data_json)["n"] for e in back] == [1, 2, 3]
+        assert [e.envelope() for e in back] == [e.envelope() for e in batch]
+        # The sealed row moved to another audience no longer opens: skipped, counted, the rest read.
+        async with store._engine.begin() as conn:
+            await conn.execute(
+                sa.text("UPDATE events SET session_id = 's2' WHERE id = :id"), {"id": batch[0].id}
+            )
+        page = await store.read_all(after=0, limit=10)
+        assert [e.id for e in page] == [batch[1].id, batch[2].id] and store.unreadable == 1
+        assert page.through == batch[2].id
+
+    run(_with_store(store_config, body, cipher=Cipher(new_key())))

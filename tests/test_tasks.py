@@ -83,6 +83,16 @@ def test_task_events_reach_owner_and_readers_only_on_stream_replay_and_polling(q
         assert [m.event for m in carol.events()] == ["custom.marker"]
     first = alice.events()[0].json()
     assert first["task_id"] == "t1"
+    state = httpx.get(
+        f"{server.url}/api/v1/tasks/t1", headers={"Authorization": f"Bearer {server.token('bob')}"}
+    ).json()
+    assert (state["status"], state["progress"], state["owner"], state["readers"]) == (
+        "completed",
+        20,
+        "alice",
+        ["bob"],
+    )
+    assert state["ended_at"] is not None and state["started_at"] <= state["updated_at"] <= state["ended_at"]
     assert "owner" not in first["data"] and "readers" not in first["data"]  # routing is never sent
     # Replay (resume from before the task) and polling agree with the live stream.
     stored = [ids[0], ids[2], ids[3]]  # only the latest progress update of a task is kept
