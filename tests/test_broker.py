@@ -86,18 +86,22 @@ def test_broker_delivers_in_order_to_every_instance_once_with_routing_fields(red
         first = _ev(1, id=1)
         await one.publish([first, _ev(2, id=2), task, novel])
         await one.publish([_ev(2, id=2)])  # published again (a relay): dropped by every instance
+        progress = Event("task.progress-updated", "{}", user_id="u", id=6, task_id="t9")  # for a user
+        await one.publish([_ev(2, id=2), progress])  # a duplicate first: what follows still goes
         live = _ev(9)  # live-only: no seq, always through
-        await one.publish([live, _ev(5, id=5)])
+        await one.publish([live, _ev(5, id=5)])  # 5 is below 6, already dispatched: dropped
+        await one.publish([_ev(7, id=7)])
         for sink in sinks:
-            await _until(lambda s=sink: len(s.got) >= 6)
+            await _until(lambda s=sink: len(s.got) >= 7)
         await asyncio.sleep(0.1)
         for sink in sinks:
-            assert sink.seqs() == [1, 2, 3, 4, None, 5]
+            assert sink.seqs() == [1, 2, 3, 4, 6, None, 7]
             assert sink.got[2].readers == ("alice", "bob") and sink.got[2].task_id == "t1"
             assert sink.got[3].readers is None and sink.got[3].novel_id == "n1"
+            assert sink.got[4].task_id == "t9" and sink.got[4].readers is None  # throttling needs it
             assert sink.got[0].chunk == first.delivery().chunk  # the same bytes as made here
-            assert b"id: 1\n" in sink.got[0].chunk and b"id:" not in sink.got[4].chunk
-        assert one.last_seq == two.last_seq == 5
+            assert b"id: 1\n" in sink.got[0].chunk and b"id:" not in sink.got[5].chunk
+        assert one.last_seq == two.last_seq == 7
         assert await one.ready() and await two.ready()
 
     asyncio.run(_brokers(redis_prefix, body))
@@ -177,6 +181,12 @@ def test_broker_catches_up_from_the_store_when_its_subscription_comes_back(
             await _until(lambda: len(sinks[0].got) >= 6)
             await asyncio.sleep(0.1)
             assert sinks[0].seqs() == [e.id for e in stored] + [more.id]
+            sync = redis.Redis.from_url(REDIS_URL)
+            try:
+                sync.client_kill_filter(_type="pubsub")  # and again: counted again
+            finally:
+                sync.close()
+            await _until(lambda: one.reconnects == 2 and one.up, timeout=10)
 
         try:
             await _brokers(redis_prefix, body, origins=(7,), catch_up=catch_up)
@@ -234,14 +244,23 @@ def test_memory_broker_and_the_broker_factory() -> None:
     async def run() -> None:
         broker = MemoryBroker()
         sink = Sink()
+        unsendable: list[Event] = []
+        broker.on_unsendable = lambda e, exc: unsendable.append(e)
         await broker.publish([_ev(0, id=1)])  # before start: nowhere to go, no error
         await broker.start(sink)
-        await broker.publish([_ev(1, id=2), _ev(2)])
-        assert sink.seqs() == [2, None]
+        bad = Event("custom.x\n", "{}", user_id="u", id=5)  # a type that cannot be framed
+        await broker.publish([_ev(1, id=2), bad, _ev(2)])
+        assert sink.seqs() == [2, None] and unsendable == [bad]  # skipped, reported, the rest sent
         await broker.close()
         await broker.publish([_ev(3, id=3)])
         assert sink.seqs() == [2, None]
 
     asyncio.run(run())
     assert isinstance(make_broker(Settings(jwt_secret="x" * 40)), MemoryBroker)
+    settings = Settings(jwt_secret="x" * 40, redis_url=REDIS_URL)
+    client = redis_client(REDIS_URL)
+    assert isinstance(make_broker(settings, None, redis=client), RedisBroker)
+    with pytest.raises(AssertionError):
+        make_broker(settings)  # the Redis broker shares the instance's Redis client
+    asyncio.run(client.aclose())
     assert not MemoryBroker.shared and RedisBroker.shared
