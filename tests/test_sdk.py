@@ -17,15 +17,18 @@ from tests.harness import ThreadServer, cli
 
 
 class AnswerDroppingProxy:
-    """Forwards HTTP/1.1 connections to the server; the first ``drop`` requests reach the server
-    but their answers never reach the client (the connection is closed instead): a lost answer."""
+    """Forwards HTTP/1.1 connections to the server, losing what it is told to: the answers of the
+    requests numbered in ``drop`` (1-based; they reached the server, the client never hears of
+    them) and the requests numbered in ``refuse`` (they never reach the server). Either way the
+    client's connection is closed instead."""
 
-    def __init__(self, target: int, drop: int) -> None:
+    def __init__(self, target: int, drop: int = 0, *, refuse: frozenset[int] = frozenset()) -> None:
         self.target = target
-        self.drop = drop
+        self.drop = frozenset(range(1, drop + 1))
+        self.refuse = refuse
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.forwarded = 0
+        self.forwarded = 0  # requests seen
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -43,10 +46,13 @@ class AnswerDroppingProxy:
                 request = _read_message(client)
                 if request is None:
                     return
+                self.forwarded += 1
+                n = self.forwarded
+                if n in self.refuse:
+                    return
                 upstream.sendall(request)
                 answer = _read_message(upstream)
-                self.forwarded += 1
-                if answer is None or self.forwarded <= self.drop:
+                if answer is None or n in self.drop:
                     return  # the server did the work; the client never hears of it
                 client.sendall(answer)
         finally:
@@ -188,37 +194,10 @@ def test_demo_command_against_a_running_server(server: ThreadServer, tmp_path: A
     assert bad.returncode != 0
 
 
-class DropOneRequestProxy(AnswerDroppingProxy):
-    """The n-th request never reaches the server (its connection is closed instead)."""
-
-    def __init__(self, target: int, nth: int) -> None:
-        super().__init__(target, drop=0)
-        self.nth = nth
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(("127.0.0.1", self.target))
-        try:
-            while True:
-                request = _read_message(client)
-                if request is None:
-                    return
-                self.forwarded += 1
-                if self.forwarded == self.nth:
-                    return
-                upstream.sendall(request)
-                answer = _read_message(upstream)
-                if answer is None:
-                    return
-                client.sendall(answer)
-        finally:
-            client.close()
-            upstream.close()
-
-
 def test_sdk_completion_waits_for_a_held_update_still_on_its_way(server: ThreadServer) -> None:
     """Regression (review): the completion was posted while the held progress update was still
     retrying; the update then landed after it (refused: task_ended) and the last value was lost."""
-    proxy = DropOneRequestProxy(server.port, nth=3)  # started, 1st update, then the held one
+    proxy = AnswerDroppingProxy(server.port, refuse=frozenset({3}))  # started, 1st update, then the held one
 
     async def work() -> EventPublisher:
         async with EventPublisher(
