@@ -108,8 +108,6 @@ class Event:
         # the store when the event is committed (``readers``: the users allowed at this id).
         self.for_task = for_task
         self.readers = readers
-        self.task_id = task_id  # what throttling and coalescing are keyed by
-        self.novel_id = novel_id
         self.owner = owner  # task.progress-started: who owns the task, and the first readers
         self.grants = grants
         self.live_id: str | None = None

@@ -362,15 +362,12 @@ class SQLEventStore(SQLUpkeep, EventStore):
 
     async def _with_readers(self, found: Page) -> Page:
         """Resolve who a task's events reach (the relay and resend send them live again)."""
-        addressed = [e for e in found if e.for_task]
-        if addressed:
+        if any(e.for_task for e in found):
             try:
                 async with self._engine.connect() as conn:
-                    readers = await task_store.readers_of(conn, list({e.task_id or "" for e in addressed}))
+                    await task_store.resolve_readers(conn, list(found))
             except (SQLAlchemyError, OSError) as exc:
                 raise fail("be read", exc) from exc
-            for e in addressed:
-                e.readers = tuple(u for u, f in readers.get(e.task_id or "", ()) if e.id is None or f < e.id)
         return found
 
     async def _rows(self, stmt: Any, action: str = "be read") -> list[Any]:

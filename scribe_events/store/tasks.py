@@ -146,11 +146,19 @@ async def apply(
             task.status, task.ended_ms = _STATUS[e.type], now
             started.setdefault(task_id, task)
     await _save(conn, dialect, list(started.values()), new_readers)
-    addressed = [e for e in concerned if e.for_task]
-    if addressed:
-        readers = await readers_of(conn, list(dict.fromkeys(e.task_id for e in addressed if e.task_id)))
-        for e in addressed:
-            e.readers = tuple(u for u, f in readers.get(e.task_id or "", ()) if e.id is None or f < e.id)
+    await resolve_readers(conn, concerned)
+
+
+async def resolve_readers(conn: AsyncConnection, found: Sequence[Event]) -> None:
+    """Set ``readers`` of the events addressed to a task: the users with a ``from_id`` below the
+    event's id (every current reader for a live-only event, which has none) — the rule of
+    :func:`visible_to`, for live deliveries."""
+    addressed = [e for e in found if e.for_task]
+    if not addressed:
+        return
+    readers = await readers_of(conn, list(dict.fromkeys(e.task_id for e in addressed if e.task_id)))
+    for e in addressed:
+        e.readers = tuple(u for u, f in readers.get(e.task_id or "", ()) if e.id is None or f < e.id)
 
 
 def _progress(e: Event) -> float | None:
