@@ -85,6 +85,9 @@ class LiveTasks:
         # Whether any task may be running (refreshed by every heartbeat pass, set by every start):
         # a stream that opens asks the store for its tasks' state only when one may be.
         self.any_running = True
+        # When a chapter update was last held (see snapshot); at start-up, as if just now: one held
+        # by a process that died may have gone out to no one.
+        self._chapter_held_at = clock()
         self._starts = 0  # tasks started seen: a heartbeat pass that began before one keeps the flag
 
     # -- the broker's sink ---------------------------------------------------------------------------
@@ -121,6 +124,8 @@ class LiveTasks:
                 held = self._hold(
                     self._chapters, _key(d, d.novel_id), d, now, self.coalesce_s, self._let_chapters
                 )
+                if held:
+                    self._chapter_held_at = now
             if not held:
                 out.append(d)
         return out
@@ -297,8 +302,11 @@ class LiveTasks:
         found: list[Event] = []
         if self.any_running:
             found += await self.store.task_snapshot(user_id, through=through)
-        if resuming and self.coalesce_s > 0:
-            since = now_ms() - int((self.coalesce_s + 1.0) * 1000)
+        # Only if one was held lately: every instance sees every event, so none held here means
+        # none went out late anywhere, and a reconnect costs no query.
+        lookback = self.coalesce_s + 1.0
+        if resuming and self.coalesce_s > 0 and self._clock() - self._chapter_held_at <= lookback:
+            since = now_ms() - int(lookback * 1000)
             found += await self.store.read_recent(
                 user_id, session_id, type_=CHAPTER_UPDATED, since_ms=since, through=through
             )
