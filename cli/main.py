@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
-from scribe_events_cli import ops_cmds, store_cmds
+from scribe_events_cli import ops_cmds, report_cmd, store_cmds
 from scribe_events_cli.common import (
     client_token,
     console,
@@ -353,6 +353,7 @@ app.add_typer(store_cmds.bench_app, name="bench")
 app.command()(friendly(store_cmds.purge))
 app.command()(friendly(store_cmds.resend))
 app.command()(store_cmds.keygen)
+app.command()(friendly(report_cmd.report))
 
 
 def main() -> None:

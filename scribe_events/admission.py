@@ -36,7 +36,7 @@ class Admission:
         """Who is calling (a Bearer token, or a ticket where ``ticket`` is given), unless banned."""
         if ticket:
             if not _TICKET.fullmatch(ticket):
-                raise InvalidToken("the ticket is unknown, expired or already used")
+                raise InvalidToken("the ticket is unknown, expired or already used", reason="invalid_ticket")
             principal = await self.state.redeem_ticket(ticket)
         else:
             principal = self.verifier.verify(bearer_token(authorization))
@@ -64,10 +64,12 @@ class Admission:
                 f"this user has {s.max_streams_per_user} streams open on this server; close one first",
                 retry_after_s=max(1, round(s.heartbeat_s)),
                 code="too_many_streams",
+                reason="streams_per_user",
             )
         if remote_ip and hub.count_ip(remote_ip) >= s.max_streams_per_ip:
             raise RateLimited(
                 f"this address has {s.max_streams_per_ip} streams open on this server",
                 retry_after_s=max(1, round(s.heartbeat_s)),
                 code="too_many_streams",
+                reason="streams_per_ip",
             )

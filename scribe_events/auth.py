@@ -67,7 +67,7 @@ class TokenVerifier:
                 options={"require": ["sub", "exp"], "verify_aud": self.audience is not None},
             )
         except jwt.ExpiredSignatureError as exc:
-            raise InvalidToken("the token has expired") from exc
+            raise InvalidToken("the token has expired", reason="expired_token") from exc
         except jwt.InvalidAudienceError as exc:
             raise InvalidToken("the token is not meant for this audience") from exc
         except jwt.InvalidIssuerError as exc:
@@ -98,7 +98,7 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
 def bearer_token(authorization: str | None) -> str:
     """The token of an ``Authorization: Bearer …`` header, or 401."""
     if not authorization:
-        raise Unauthorized("send 'Authorization: Bearer <token>'")
+        raise Unauthorized("send 'Authorization: Bearer <token>'", reason="missing_token")
     scheme, _, token = authorization.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidToken("the Authorization header must be 'Bearer <token>'")

@@ -12,6 +12,7 @@ bytes; the hub writes them out as the socket drains. Two things are better than 
 from __future__ import annotations
 
 from scribe_events.events import Delivery
+from scribe_events.metrics import count_families
 from scribe_events.vocabulary import TASK_UPDATED
 
 
@@ -39,8 +40,9 @@ class Backlog:
         self._next += 1
         self.bytes += len(d.chunk)
 
-    def take(self, budget: int) -> list[bytes]:
-        """The chunks of the oldest deliveries, until they hold ``budget`` bytes (at least one)."""
+    def take(self, budget: int, families: dict[str, int] | None = None) -> list[bytes]:
+        """The chunks of the oldest deliveries, until they hold ``budget`` bytes (at least one);
+        ``families`` counts them by type family (see metrics.py)."""
         items = self.items
         chunks: list[bytes] = []
         taken = 0
@@ -51,5 +53,7 @@ class Backlog:
                 del self._progress[d.task_id]
             chunks.append(d.chunk)
             taken += len(d.chunk)
+            if families is not None:
+                count_families(families, (d.type,))
         self.bytes -= taken
         return chunks

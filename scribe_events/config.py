@@ -109,6 +109,18 @@ class Settings(BaseSettings):
     task_stall_s: float = Field(300.0, gt=0)
     coalesce_window_s: float = Field(1.0, ge=0)
 
+    # Thresholds (R8.2, R8.3): past alert_connections open streams on this instance, or a p99
+    # publish-to-write latency over alert_p99_latency_s in one history interval, a warning is
+    # logged, scribe_events_threshold_exceeded is 1 and the users in alert_notify_users get a
+    # system.notification.
+    alert_connections: int = Field(20_000, ge=1)
+    alert_p99_latency_s: float = Field(0.5, gt=0)
+    alert_notify_users: list[str] = Field(default_factory=list, max_length=100)
+    # Metric snapshots for `scribe-events report`: one per instance every history_interval_s,
+    # kept history_keep_s (in Redis when configured, else in the store).
+    history_interval_s: float = Field(10.0, ge=0.2)
+    history_keep_s: float = Field(86_400.0, gt=0)
+
     poll_interval_s: int = 30
     reconnect_max_retries: int = 5
     reconnect_initial_delay_ms: int = 1000

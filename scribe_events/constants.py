@@ -19,6 +19,10 @@ class RedisKeys:
         self.push_mode = f"{prefix}push-mode"
         self.bans = f"{prefix}bans"  # hash: "user:<id>" | "ip:<addr>" -> JSON {reason, until}
         self.all_connections = f"{prefix}conns"  # sorted set: connection id, score = expiry (ms)
+        self.history_instances = f"{prefix}history"  # sorted set: instance, score = last snapshot
+
+    def history(self, instance: str) -> str:
+        return f"{self.prefix}history:{instance}"  # sorted set: snapshots, score = their time
 
     def ticket(self, ticket: str) -> str:
         return f"{self.prefix}ticket:{ticket}"

@@ -33,6 +33,23 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+_TIME_FIELD = ',"time":"'
+
+
+def envelope_time_ms(envelope: str) -> int:
+    """The publish time an envelope states (epoch ms), 0 if it states none. The field follows the
+    id and the type, neither of which can hold a quote, so its first occurrence is the one."""
+    at = envelope.find(_TIME_FIELD)
+    if at < 0:
+        return 0
+    start = at + len(_TIME_FIELD)
+    try:
+        when = datetime.fromisoformat(envelope[start : envelope.index('"', start)])
+    except ValueError:
+        return 0
+    return int(when.timestamp() * 1000)
+
+
 def rfc3339(ms: int) -> str:
     """UTC time with milliseconds, e.g. ``2026-11-29T18:16:31.123Z``."""
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -165,6 +182,7 @@ class Event:
             self.readers if self.for_task else None,
             self.task_id,
             self.novel_id,
+            time_ms=self.time_ms,
         )
 
 
@@ -181,6 +199,7 @@ class Delivery:
         "seq",
         "session_id",
         "task_id",
+        "time_ms",
         "type",
         "user_id",
     )
@@ -198,6 +217,7 @@ class Delivery:
         readers: tuple[str, ...] | None = None,
         task_id: str | None = None,
         novel_id: str | None = None,
+        time_ms: int = 0,
     ) -> None:
         self.id = id
         self.seq = seq  # the stored id, which rises within a stream; None for live-only and resent events
@@ -211,6 +231,9 @@ class Delivery:
         self.readers = readers
         self.task_id = task_id  # what throttling and coalescing are keyed by
         self.novel_id = novel_id
+        # When it was published (epoch ms), for the publish-to-write latency; 0: not measured
+        # (held on purpose by the throttle or coalescing, or a snapshot of state).
+        self.time_ms = time_ms
 
     def overtaking_chunk(self) -> bytes:
         """The frame without its ``id:`` line: for a ``system.error`` sent ahead of events still
@@ -231,6 +254,8 @@ class Delivery:
         readers: Iterable[str] | None = None,
         task_id: str | None = None,
         novel_id: str | None = None,
+        *,
+        time_ms: int = 0,
     ) -> Delivery:
         """Encode the frame and its HTTP chunk, once. Only ordered (stored) events get an ``id:`` line."""
         frame = sse.frame(envelope, event=type, id=id if seq is not None else None)
@@ -246,6 +271,7 @@ class Delivery:
             None if readers is None else tuple(str(r) for r in readers),
             task_id,
             novel_id,
+            time_ms,
         )
 
     def unordered(self) -> Delivery:

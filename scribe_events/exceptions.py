@@ -31,11 +31,13 @@ class ScribeEventsError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, reason: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        # Finer than the code, for metrics only (e.g. an invalid_token that has expired).
+        self.reason = reason or self.code
 
     def headers(self) -> dict[str, str]:
         return {}
@@ -113,8 +115,10 @@ class RateLimited(ScribeEventsError):
     status = 429
     code = "rate_limited"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
-        super().__init__(message, code=code)
+    def __init__(
+        self, message: str, *, retry_after_s: int = 1, code: str | None = None, reason: str | None = None
+    ) -> None:
+        super().__init__(message, code=code, reason=reason)
         self.retry_after_s = retry_after_s
 
     def headers(self) -> dict[str, str]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from scribe_events.events import Event, TypeFilter, now_ms
 from scribe_events.exceptions import ScribeEventsError
 from scribe_events.hub import Connection, Hub
+from scribe_events.metrics import count_families
 from scribe_events.store import EventStore, FailedDelivery
 from scribe_events.tasks import cancel, supervise
 
@@ -62,6 +63,7 @@ class FailureRecorder:
         self._task: asyncio.Task[None] | None = None
         self._unsendable_seen: set[int] = set()
         self.recorded = 0
+        self.failed_by: dict[str, int] = {}  # failed deliveries recorded, by type family
         self.unsendable = 0  # events skipped because they cannot be framed
         self.given_up = 0  # cuts dropped after MAX_ATTEMPTS
         hub.on_cut.append(self.on_cut)
@@ -91,7 +93,9 @@ class FailureRecorder:
             return
         self._unsendable_seen.add(event.id)
         self._waiting.append(
-            FailedDelivery(event.id, event.user_id or "*", event.session_id, "-", UNSENDABLE, now_ms())
+            FailedDelivery(
+                event.id, event.user_id or "*", event.session_id, "-", UNSENDABLE, now_ms(), type=event.type
+            )
         )
         self._wake.set()
 
@@ -99,9 +103,17 @@ class FailureRecorder:
         self._task = supervise(self._run, "scribe-failures")
 
     async def close(self) -> None:
+        """Stop, recording what still waits if the store takes it (a shutdown never fails on it)."""
         await cancel(self._task)
         self._task = None
-        await self.flush()
+        try:
+            await self.flush()
+        except Exception as exc:
+            log.error(
+                "could not record %d failed-delivery item(s) at shutdown: %s",
+                len(self._waiting),
+                _describe(exc),
+            )
 
     async def _run(self) -> None:
         while True:
@@ -130,6 +142,7 @@ class FailureRecorder:
                 await self.store.record_failures(rows)
             self._waiting.popleft()
             self.recorded += len(rows)
+            count_families(self.failed_by, (r.type or "" for r in rows))
             if rows and isinstance(item, _Cut):
                 log.warning(
                     "recorded %d failed deliveries for connection %s user=%s reason=%s",
@@ -151,7 +164,9 @@ class FailureRecorder:
             types=cut.types,
         )
         return [
-            FailedDelivery(e.id, cut.user_id, cut.session_id, cut.connection_id, cut.reason, cut.at_ms)
+            FailedDelivery(
+                e.id, cut.user_id, cut.session_id, cut.connection_id, cut.reason, cut.at_ms, type=e.type
+            )
             for e in missed
             if e.id is not None and e.id <= cut.upto
         ]

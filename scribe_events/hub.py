@@ -17,12 +17,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from scribe_events import sse
 from scribe_events.backlog import Backlog
 from scribe_events.events import Delivery, TypeFilter, dumps, now_ms, rfc3339
+from scribe_events.metrics import Histogram, count_families, family_of
 from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.hub")
@@ -144,8 +146,17 @@ class Hub:
         self.on_cut: list[FailureHook] = []
         self.on_add: list[Callable[[Connection], None]] = []
         self.on_remove: list[Callable[[Connection], None]] = []
-        self.delivered = 0
+        # Counted in plain numbers, read when metrics are scraped (see metrics.py).
+        self.delivered = 0  # events written to live streams
+        self.delivered_by: dict[str, int] = {}  # the same, by type family
+        self.latency = Histogram()  # publish to write, once per event written here
+        self.opened = 0
+        self.closed: Counter[str] = Counter()  # by reason
         self.cut_off = 0
+        self.cut_by: Counter[str] = Counter()  # by reason
+        self.replays = 0
+        self.replayed = 0  # events written by replays
+        self.replaced = 0  # progress updates dropped from a backlog for a newer one
         self.last_seq = 0  # the newest stored event dispatched
         self._heartbeat: asyncio.Task[None] | None = None
         self.closing = False
@@ -157,6 +168,7 @@ class Hub:
         conn.last_seq = self.last_seq if from_seq is None else from_seq
         conn.live_from = self.last_seq
         self.connections[conn.id] = conn
+        self.opened += 1
         ip = conn.ip
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         _run_hooks(self.on_add, conn)
@@ -176,6 +188,7 @@ class Hub:
         if self.connections.pop(conn.id, None) is None:
             return
         conn.closed_reason = conn.closed_reason or reason
+        self.closed[conn.closed_reason] += 1
         _run_hooks(self.on_remove, conn)
         _discard(self._by_user, conn.user_id, conn)
         if conn.session_id is not None:
@@ -221,6 +234,8 @@ class Hub:
         limit = self.max_buffer
         troubled: list[tuple[Connection, str]] | None = None
         delivered = 0
+        by_family = self.delivered_by
+        now = 0
         for d in deliveries:
             if d.broadcast:
                 targets: Iterable[Connection] = self.connections.values()
@@ -233,6 +248,7 @@ class Hub:
             chunk = d.chunk
             type_ = d.type
             seq = d.seq
+            before = delivered
             for c in targets:
                 try:
                     if c.types is not None and not c.types(type_):
@@ -270,6 +286,12 @@ class Hub:
                     troubled.append((c, "write_error"))
                     continue
                 delivered += 1
+            if delivered != before:  # per event, not per connection
+                family = family_of(type_)
+                by_family[family] = by_family.get(family, 0) + delivered - before
+                if d.time_ms:
+                    now = now or now_ms()
+                    self.latency.observe(max(0, now - d.time_ms) / 1000)
             if seq is not None and seq > self.last_seq:
                 self.last_seq = seq
         self.delivered += delivered
@@ -282,7 +304,9 @@ class Hub:
         assert backlog is not None
         if d.type == URGENT_TYPE:  # jumps the line: written now, ahead of what waits
             conn.write(d.overtaking_chunk())
+        replaced = backlog.replaced
         backlog.add(d)
+        self.replaced += backlog.replaced - replaced
         if d.seq is not None:
             conn.last_seq = d.seq
         return "slow_client" if backlog.bytes > self.max_queue else None
@@ -296,7 +320,7 @@ class Hub:
             # Until the buffer is past the high-water mark again (the transport then pauses, and
             # says when it resumes: the transport's high-water mark is max_buffer, see stream.py).
             while backlog and (room := self.max_buffer - conn.buffer_size()) >= 0:
-                chunks = backlog.take(room + 1)
+                chunks = backlog.take(room + 1, self.delivered_by)
                 conn.write(b"".join(chunks))
                 self.delivered += len(chunks)
             if not backlog:
@@ -322,6 +346,7 @@ class Hub:
             return
         conn.closed_reason = reason
         self.cut_off += 1
+        self.cut_by[reason] += 1
         log.warning(
             "connection %s cut off user=%s reason=%s buffered=%d",
             conn.id,
@@ -380,6 +405,7 @@ class Hub:
                     continue
                 top = d.seq
             chunks.append(d.chunk)
+            count_families(self.delivered_by, (d.type,))
         if chunks:
             self.delivered += len(chunks)
             self.write_direct(conn, chunks, top)

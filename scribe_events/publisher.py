@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ from scribe_events.exceptions import (
     StoreRejected,
     StoreUnavailable,
 )
+from scribe_events.metrics import BATCH_BUCKETS, Histogram, count_families
 from scribe_events.store import EventStore, IdempotencyRecord
 from scribe_events.tasks import cancel, supervise
 
@@ -83,6 +85,11 @@ class Publisher:
         self.behind = False  # stored events wait for the relay
         self.batches = 0
         self.stored = 0
+        self.stored_by: dict[str, int] = {}  # by type family
+        self.commit_seconds = Histogram()
+        self.batch_events = Histogram(BATCH_BUCKETS)
+        self.queued_events = 0
+        self._storing: list[_Job] = []  # the batch being stored now
 
     async def start(self) -> None:
         """Load the watermark and relay whatever was committed but never published, then start."""
@@ -104,6 +111,14 @@ class Publisher:
         except TimeoutError:
             log.error("publishing did not finish within %.0f s; answering what is left 503", CLOSE_TIMEOUT_S)
             await cancel(task)
+            for cut in self._storing:  # cut off mid-batch: maybe stored, maybe not
+                settle(
+                    cut.future,
+                    exc=ShuttingDown(
+                        "the server stopped while storing this; it may have been stored: "
+                        "retry with the same Idempotency-Key"
+                    ),
+                )
             while not self._queue.empty():
                 job = self._queue.get_nowait()
                 if job is not None:
@@ -124,13 +139,18 @@ class Publisher:
             raise NotReady("the service is not accepting events")
         size = sum(len(e.data_json) for e in events)
         if self._queued_bytes + size > self.queue_bytes:
-            raise StoreUnavailable("too many event bytes are waiting to be stored; retry shortly")
+            raise StoreUnavailable(
+                "too many event bytes are waiting to be stored; retry shortly", reason="publish_queue_bytes"
+            )
         job = _Job(events, claim, asyncio.get_running_loop().create_future(), require_live, size)
         try:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
-            raise StoreUnavailable("too many events are waiting to be stored; retry shortly") from None
+            raise StoreUnavailable(
+                "too many events are waiting to be stored; retry shortly", reason="publish_queue"
+            ) from None
         self._queued_bytes += size
+        self.queued_events += len(events)
         # Shielded: a publisher that hangs up does not cancel work that was accepted.
         return await asyncio.shield(job.future)
 
@@ -155,6 +175,8 @@ class Publisher:
                 jobs.append(job)
                 size += len(job.events)
             self._queued_bytes -= sum(job.size for job in jobs)
+            self.queued_events -= size
+            self._storing = jobs
             try:
                 await self._commit(jobs)
             except Exception as exc:  # a bug must not stop publishing for good
@@ -207,13 +229,18 @@ class Publisher:
                     if "pause_before_commit" in self.faults and important:
                         await asyncio.sleep(PAUSE_BEFORE_COMMIT_S)  # fault injection: a slow commit
                     if important or claims or live_tasks:
+                        started = time.perf_counter()
                         await self.store.append(important, claims, live_tasks)
+                        self.commit_seconds.observe(time.perf_counter() - started)
+                        if important:
+                            self.batch_events.observe(len(important))
                 except (ServiceUnavailable, StoreRejected) as exc:
                     refused = exc
                 else:
                     committed = True
                     self.batches += 1
                     self.stored += len(important)
+                    count_families(self.stored_by, (e.type for e in important))
                     if "kill_after_commit" in self.faults and important:
                         os.kill(os.getpid(), signal.SIGKILL)  # fault injection: between commit and publish
                     if "pause_after_commit" in self.faults and important:

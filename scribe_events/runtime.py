@@ -12,6 +12,8 @@ from scribe_events.control import Control
 from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Hub
 from scribe_events.live_tasks import LiveTasks
+from scribe_events.metrics import RequestStats
+from scribe_events.monitor import Monitor
 from scribe_events.publisher import Publisher
 from scribe_events.registry import Registry
 from scribe_events.service import EventService
@@ -36,4 +38,6 @@ class Runtime:
     recorder: FailureRecorder
     live: LiveTasks
     service: EventService
+    monitor: Monitor
+    requests: RequestStats
     started_at: float

@@ -17,6 +17,7 @@ from scribe_events.control import Control
 from scribe_events.events import Event, TypeFilter, dumps, now_ms, rfc3339
 from scribe_events.exceptions import BadRequest, Conflict, ServiceUnavailable, ValidationFailed
 from scribe_events.failures import UNSENDABLE
+from scribe_events.metrics import count_families
 from scribe_events.publisher import Publisher, settle
 from scribe_events.registry import Registry
 from scribe_events.state import IDEMPOTENCY_CLAIM_S, SharedState
@@ -48,6 +49,8 @@ class EventService:
     control: Control
     registry: Registry
     _inflight: dict[tuple[str, str], tuple[str, asyncio.Future[list[str]]]] = field(default_factory=dict)
+    # Events accepted (answered with their ids), by type family (see metrics.py).
+    published: dict[str, int] = field(default_factory=dict)
 
     async def publish(
         self,
@@ -64,6 +67,13 @@ class EventService:
                 field="sensitive",
                 code="encryption_not_configured",
             )
+        ids = await self._publish(principal, events, idempotency_key, request_hash)
+        count_families(self.published, (e.type for e in events))
+        return ids
+
+    async def _publish(
+        self, principal: Principal, events: list[Event], idempotency_key: str | None, request_hash: str
+    ) -> list[str]:
         if idempotency_key is None:
             return await self.publisher.submit(events)
         slot = (principal.user_id, idempotency_key)

@@ -102,10 +102,15 @@ class MemoryState(SharedState):
             self._forget(oldest)
         if self._tickets_of.get(principal.user_id, 0) >= per_user:
             raise RateLimited(
-                f"this user holds {per_user} unused tickets", retry_after_s=ttl_s, code="too_many_tickets"
+                f"this user holds {per_user} unused tickets",
+                retry_after_s=ttl_s,
+                code="too_many_tickets",
+                reason="tickets_per_user",
             )
         if len(self._tickets) >= MAX_TICKETS:
-            raise RateLimited("too many outstanding tickets", retry_after_s=ttl_s, code="too_many_tickets")
+            raise RateLimited(
+                "too many outstanding tickets", retry_after_s=ttl_s, code="too_many_tickets", reason="tickets"
+            )
         ticket = secrets.token_urlsafe(32)
         self._tickets[ticket] = (now + ttl_s, principal)
         self._tickets_of[principal.user_id] = self._tickets_of.get(principal.user_id, 0) + 1
@@ -125,7 +130,7 @@ class MemoryState(SharedState):
     async def redeem_ticket(self, ticket: str) -> Principal:
         entry = self._forget(ticket)
         if entry is None or entry[0] < time.monotonic():
-            raise InvalidToken("the ticket is unknown, expired or already used")
+            raise InvalidToken("the ticket is unknown, expired or already used", reason="invalid_ticket")
         return entry[1]
 
     async def load_push_mode(self) -> PushModeState:
@@ -189,6 +194,7 @@ class RedisState(SharedState):
                 f"this user was issued {per_user} tickets in {ttl_s} s",
                 retry_after_s=ttl_s,
                 code="too_many_tickets",
+                reason="tickets_per_user",
             )
         ticket = secrets.token_urlsafe(32)
         await self._call(
@@ -199,7 +205,7 @@ class RedisState(SharedState):
     async def redeem_ticket(self, ticket: str) -> Principal:
         raw = await self._call("ticket", self.client.getdel(self.keys.ticket(ticket)))
         if raw is None:
-            raise InvalidToken("the ticket is unknown, expired or already used")
+            raise InvalidToken("the ticket is unknown, expired or already used", reason="invalid_ticket")
         data = json.loads(raw)
         return Principal(data["sub"], data["sid"], frozenset(data["roles"]), data.get("exp"))
 

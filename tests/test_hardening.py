@@ -17,7 +17,7 @@ import pytest
 from scribe_events.broker import MemoryBroker
 from scribe_events.crypto import new_key
 from scribe_events.events import Event
-from scribe_events.exceptions import StoreRejected, StoreUnavailable
+from scribe_events.exceptions import ShuttingDown, StoreRejected, StoreUnavailable
 from scribe_events.failures import FailureRecorder
 from scribe_events.hub import Connection, Hub
 from scribe_events.publisher import Publisher
@@ -103,7 +103,8 @@ def test_poison_event_in_the_store_is_skipped_by_relay_replay_and_live(
     failed = httpx.get(server.url + "/api/v1/admin/events/failed", headers=_admin(server)).json()["failed"]
     assert [(f["event_id"], f["reason"]) for f in failed] == [(str(poison), "unsendable")]
     metrics = httpx.get(server.url + "/metrics").text
-    assert "scribe_events_events_unsendable_total" in metrics
+    series = 'scribe_events_events_dropped_total{instance="test-instance",reason="unsendable"} '
+    assert [float(x[len(series) :]) >= 1 for x in metrics.splitlines() if x.startswith(series)] == [True]
 
 
 # --- 2. fan-out never changes a collection while iterating it ------------------------------------
@@ -221,7 +222,8 @@ def test_events_sealed_with_a_removed_key_are_skipped_not_503(make_server: MakeS
         assert [m.id for m in s.read_count(1)] == [plain]
         [later] = server.publish_ok({"type": "custom.plain", "user_id": "alice"})
         assert [m.id for m in s.read_count(2)] == [plain, later]  # not cut
-    assert "scribe_events_events_unreadable_total" in httpx.get(server.url + "/metrics").text
+    dropped = 'scribe_events_events_dropped_total{instance="test-instance",reason="unreadable"}'
+    assert dropped in httpx.get(server.url + "/metrics").text
 
 
 def test_failure_recorder_gives_up_on_a_cut_it_cannot_record(tmp_path: Path) -> None:
@@ -528,3 +530,86 @@ def test_a_body_that_never_finishes_is_408(make_server: MakeServer) -> None:
         while sock.recv(65536):  # then the server closes the connection
             pass
     assert server.publish({"type": "custom.x", "user_id": "u"}).status_code == 202
+
+
+# --- gaps found by reverting each fix in turn -----------------------------------------------------
+
+
+def test_admins_pass_the_stream_caps(make_server: MakeServer) -> None:
+    server = make_server(max_streams_per_user=1, max_streams_per_ip=2)
+    admin = server.token("root", roles=["admin"])
+    held = [server.stream(token=admin) for _ in range(3)]  # past both caps
+    try:
+        for s in held:
+            assert s.status == 200
+            s.read_count(1, event="connection.established")
+        with server.stream("alice") as alice:  # a user at the address cap is still refused
+            assert alice.status == 429 and alice.error_body["error"]["code"] == "too_many_streams"
+    finally:
+        for s in held:
+            s.close()
+
+
+def test_publisher_close_answers_what_it_cannot_finish(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("scribe_events.publisher.CLOSE_TIMEOUT_S", 0.3)
+
+    async def run() -> tuple[float, list[Any]]:
+        store = SQLEventStore(f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+        await store.start()
+        publisher = Publisher(store, MemoryBroker(), queue_max=10, batch_max=1)
+        await publisher.start()
+        stuck = asyncio.Event()
+
+        async def hangs(*_: Any, **__: Any) -> None:
+            await stuck.wait()  # a store that never answers
+
+        monkeypatch.setattr(store, "append", hangs)
+        first = asyncio.ensure_future(publisher.submit([Event("custom.x", "{}", user_id="u")]))
+        second = asyncio.ensure_future(publisher.submit([Event("custom.y", "{}", user_id="u")]))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await publisher.close()  # bounded, not forever
+        took = time.monotonic() - started
+        results = await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 2)
+        await store.close()
+        return took, results
+
+    took, (first, second) = asyncio.run(run())
+    assert took < 2
+    # Both publishers are answered: the one cut off mid-commit, and the one still queued.
+    assert isinstance(first, ShuttingDown) and "may have been stored" in first.message
+    assert isinstance(second, ShuttingDown) and "stopped before storing" in second.message
+
+
+def test_idempotency_key_is_checked_whole() -> None:
+    from scribe_events.ids import IDEMPOTENCY_KEY
+
+    assert IDEMPOTENCY_KEY.fullmatch("key-1") is not None
+    for bad in ("key\n", "key\r", "", "k" * 201, "ke y"):
+        assert IDEMPOTENCY_KEY.fullmatch(bad) is None, repr(bad)
+
+
+def test_polling_checks_the_session_ids_form(server: ThreadServer) -> None:
+    r = httpx.get(
+        server.url + "/api/v1/events", params={"session_id": "s\n"}, headers=_bearer(server, "alice")
+    )
+    assert r.status_code in (400, 422) and r.json()["error"]["code"] == "invalid_session_id", r.text
+    ok = httpx.get(
+        server.url + "/api/v1/events", params={"session_id": "s1"}, headers=_bearer(server, "alice")
+    )
+    assert ok.status_code == 200
+
+
+def test_an_event_that_cannot_be_framed_is_refused_before_it_is_stored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last line of defence: were an identifier rule ever too lax, the frame built before the
+    commit still refuses what could not be sent."""
+    from scribe_events import vocabulary
+    from scribe_events.exceptions import ValidationFailed
+
+    monkeypatch.setattr(vocabulary, "check_type_name", lambda value, field: value)  # a lax rule
+    with pytest.raises(ValidationFailed, match="cannot be sent"):
+        vocabulary.parse_publish({"type": "custom.x\n", "user_id": "u"}, max_event_bytes=65536)

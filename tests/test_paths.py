@@ -86,9 +86,10 @@ def _failed(server: ThreadServer, **params: Any) -> list[dict[str, Any]]:
     return list(r.json()["failed"])
 
 
-def _metric(url: str, name: str) -> float:
+def _metric(url: str, name: str, label: str = "") -> float:
+    """The value of the sample ``name`` whose labels hold ``label`` (e.g. ``reason="x"``)."""
     text = httpx.get(url + "/metrics").text
-    match = re.search(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M)
+    match = re.search(rf"^{name}\{{[^}}]*{re.escape(label)}[^}}]*\}} (\S+)$", text, re.M)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
 
@@ -356,20 +357,20 @@ def test_key_rotation_from_the_environment_and_ciphertext_bound_to_its_row(
         # Move an old-key row to another user, and retype a new-key row: neither can be read now.
         _execute(db, "UPDATE events SET user_id = 'mallory' WHERE id = ?", int(ids[1]))
         _execute(db, "UPDATE events SET type = 'custom.other' WHERE id = ?", int(ids[3]))
-        unreadable = "scribe_events_events_unreadable_total"
-        before = _metric(server.url, unreadable)
+        unreadable = ("scribe_events_events_dropped_total", 'reason="unreadable"')
+        before = _metric(server.url, *unreadable)
         mallory = _poll(server.url, "mallory")
         assert mallory.status_code == 200 and mallory.json()["events"] == []  # not delivered to her
-        assert _metric(server.url, unreadable) == before + 1
+        assert _metric(server.url, *unreadable) == before + 1
         with RawStream(
             server.port, STREAM, {**_bearer(mint_token(SECRET, "mallory")), "Last-Event-ID": "0"}
         ) as theirs:
             theirs.read_count(1, event="connection.established")
             theirs.idle(0.3)
             assert theirs.events() == [] and not theirs.closed
-        assert _metric(server.url, unreadable) == before + 2
+        assert _metric(server.url, *unreadable) == before + 2
         assert [e["id"] for e in _poll_all(server.url, "alice")] == [ids[0], ids[2]]
-        assert _metric(server.url, unreadable) == before + 3
+        assert _metric(server.url, *unreadable) == before + 3
     finally:
         server.stop()
         server.close()

@@ -112,7 +112,9 @@ def test_health_and_readiness(server: ThreadServer) -> None:
     assert live["status"] == "ok" and live["connections"] == 1 and live["instance"] == "test-instance"
     assert set(live) == {"status", "instance", "connections", "uptime_s", "dependencies"}
     assert ready.status_code == 200
-    assert ready.json()["dependencies"] == {"store": "ok", "broker": "ok"}
+    body = ready.json()
+    assert body["dependencies"] == {"store": "ok", "broker": "ok", "history": "ok"}
+    assert body["thresholds_exceeded"] == [] and 0 <= body["event_loop_lag_s"] < 1
 
 
 def test_openapi_documents_the_endpoints(server: ThreadServer) -> None:
@@ -136,8 +138,8 @@ def test_metrics_are_prometheus_text_with_our_prefix(server: ThreadServer) -> No
         s.read_count(1)
         text = httpx.get(server.url + "/metrics").text
     assert 'scribe_events_connections{instance="test-instance"} 1.0' in text
-    assert 'scribe_events_events_delivered_total{instance="test-instance"} 1.0' in text
-    assert 'scribe_events_events_stored_total{instance="test-instance"} 1.0' in text
+    assert 'scribe_events_events_delivered_total{family="custom",instance="test-instance"} 1.0' in text
+    assert 'scribe_events_events_stored_total{family="custom",instance="test-instance"} 1.0' in text
     assert 'scribe_events_broker_up{instance="test-instance"} 1.0' in text
     names = {
         line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")

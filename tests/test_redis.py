@@ -499,3 +499,53 @@ def test_redis_task_events_reach_the_readers_on_every_instance_and_heartbeat_the
         assert beat["task_id"] == "rt1" and beat["progress"] == 9
         carol.idle(0.3)
         assert carol.events() == []
+
+
+def test_redis_keeps_every_instances_history_and_the_report_reads_it(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    """With Redis the snapshots go there: any instance answers for all, and ``report`` shows both,
+    its delivered counts matching each instance's /metrics."""
+    extra = {"SCRIBE_EVENTS_HISTORY_INTERVAL_S": "0.2"}
+    with (
+        instances(tmp_path, pg_schema, redis_prefix, "one", "two", **extra) as (one, two),
+        _stream(two, "alice") as alice,
+    ):
+        _publish(one, {"events": [{"type": "custom.h", "user_id": "alice"}] * 3})
+        alice.read_count(3)
+        seen: dict[str, Any] = {}
+
+        def both_have_delivered() -> bool:
+            seen.update(httpx.get(one.url + "/api/v1/admin/history?since_s=60", headers=_admin(one)).json())
+            points = seen["instances"].get("two", [])
+            return "one" in seen["instances"] and any(
+                p["metrics"].get('scribe_events_events_delivered_total{family="custom"}') == 3 for p in points
+            )
+
+        wait_for(both_have_delivered, timeout=10)
+        assert seen["answered_by"] == "one" and seen["store"]["backend"] == "postgresql"
+        keys = redis.Redis.from_url(REDIS_URL).keys(redis_prefix + "history*")
+        assert {k.decode() for k in keys} == {
+            f"{redis_prefix}history",
+            f"{redis_prefix}history:one",
+            f"{redis_prefix}history:two",
+        }
+        report = cli(
+            "report",
+            "--since",
+            "5m",
+            "--json",
+            cwd=tmp_path,
+            env={"SCRIBE_EVENTS_URL": one.url, "SCRIBE_EVENTS_JWT_SECRET": SECRET},
+        )
+        assert report.returncode == 0, report.stderr
+        body = json.loads(report.stdout)
+        assert sorted(body["instances"]) == ["one", "two"]
+        # The report's delivered count is what two's /metrics says (it started with nothing delivered).
+        metrics = httpx.get(two.url + "/metrics").text
+        line = next(
+            x
+            for x in metrics.splitlines()
+            if x.startswith('scribe_events_events_delivered_total{family="custom"')
+        )
+        assert body["instances"]["two"]["totals"]["delivered"] == float(line.rsplit(" ", 1)[1]) == 3

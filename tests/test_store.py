@@ -254,7 +254,7 @@ def test_db_upgrade_and_current_commands(store_config: dict[str, Any], tmp_path:
     again = cli("db", "upgrade", cwd=tmp_path, env=env)
     assert "up to date" in again.stdout
     current = json.loads(cli("db", "current", "--json", cwd=tmp_path, env=env).stdout)
-    assert current["current"] == current["head"] == migrate.head() == "0002"
+    assert current["current"] == current["head"] == migrate.head() == "0003"
 
 
 def test_retention_job_purges_by_age_then_by_size(store_config: dict[str, Any]) -> None:

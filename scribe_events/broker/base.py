@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from scribe_events.events import Delivery, Event, SkipHook
+from scribe_events.metrics import Histogram
 
 DeliverySink = Callable[[Sequence[Delivery]], None]
 ControlHook = Callable[[dict[str, Any]], Awaitable[None]]
@@ -30,6 +31,10 @@ class Broker(abc.ABC):
         self.on_unsendable: SkipHook | None = None
         # Messages from another deployment sharing the broker (ignored).
         self.foreign = 0
+        self.up = True  # the subscription (an in-process broker is always up)
+        self.reconnects = 0
+        # Handing a batch to the broker until it comes back to this instance (Redis).
+        self.round_trip = Histogram()
 
     @abc.abstractmethod
     async def start(self, sink: DeliverySink) -> None:

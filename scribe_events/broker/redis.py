@@ -23,6 +23,7 @@ connection already has, so overlap is harmless.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -35,7 +36,7 @@ from redis.exceptions import RedisError
 
 from scribe_events.broker.base import Broker, DeliverySink
 from scribe_events.constants import RedisKeys
-from scribe_events.events import Delivery, Event, SkipHook, sendable, skipped
+from scribe_events.events import Delivery, Event, SkipHook, envelope_time_ms, sendable, skipped
 from scribe_events.store import Page
 from scribe_events.tasks import cancel, supervise
 
@@ -48,6 +49,8 @@ STORE_POLL_S = 0.25  # while Redis is away
 
 
 FOREIGN_LOG_EVERY_S = 60.0
+IN_FLIGHT_MAX = 1000
+IN_FLIGHT_FORGET_S = 30.0
 
 
 def _row(e: Event) -> list[Any]:
@@ -94,7 +97,7 @@ def decode(payload: bytes) -> tuple[int, list[Delivery]]:
     deliveries = []
     for row in json.loads(body):
         try:
-            deliveries.append(Delivery.build(*row))
+            deliveries.append(Delivery.build(*row, time_ms=envelope_time_ms(row[6])))
         except (TypeError, ValueError) as exc:
             log.error("a broker message holds an event that cannot be sent; skipped: %s", exc)
     return int(origin), deliveries
@@ -129,7 +132,9 @@ class RedisBroker(Broker):
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.up = False
-        self.reconnects = 0
+        # This instance's own messages on their way, oldest first: (payload, sent at), to time the
+        # round trip when each comes back (the channel keeps their order).
+        self._in_flight: collections.deque[tuple[bytes, float]] = collections.deque(maxlen=IN_FLIGHT_MAX)
 
     async def start(self, sink: DeliverySink) -> None:
         self._sink = sink
@@ -140,7 +145,19 @@ class RedisBroker(Broker):
             log.error("Redis is not reachable; serving local connections and retrying")
 
     async def publish(self, events: Sequence[Event]) -> None:
-        await self.client.publish(self.keys.events, encode(events, self.origin, self.on_unsendable))
+        payload = encode(events, self.origin, self.on_unsendable)
+        self._in_flight.append((payload, time.monotonic()))
+        await self.client.publish(self.keys.events, payload)
+
+    def _came_back(self, payload: bytes) -> None:
+        """Time the round trip of this instance's own message; forget ones that never came back."""
+        in_flight = self._in_flight
+        now = time.monotonic()
+        if in_flight and in_flight[0][0] == payload:
+            self.round_trip.observe(now - in_flight.popleft()[1])
+            return
+        while in_flight and now - in_flight[0][1] > IN_FLIGHT_FORGET_S:
+            in_flight.popleft()
 
     async def publish_control(self, message: dict[str, Any]) -> None:
         await self.client.publish(self.keys.control, json.dumps({**message, "origin": self.origin}))
@@ -235,6 +252,7 @@ class RedisBroker(Broker):
         channel = message["channel"].decode()
         try:
             if channel == self.keys.events:
+                self._came_back(message["data"])
                 origin, deliveries = decode(message["data"])
                 if not self._foreign(origin):
                     self._dispatch(deliveries)

@@ -159,8 +159,8 @@ class EventStore(abc.ABC):
         """Failed deliveries (by event ids, by user, since a time), oldest first."""
 
     @abc.abstractmethod
-    async def count_failures(self, user_id: str) -> int:
-        """Failed deliveries recorded for this user and not yet resent."""
+    async def count_failures(self, user_id: str | None) -> int:
+        """Failed deliveries recorded for this user (None: everyone's) and not yet resent."""
 
     @abc.abstractmethod
     async def mark_resent(self, failure_ids: Sequence[int], when_ms: int) -> None: ...
@@ -191,6 +191,18 @@ class EventStore(abc.ABC):
     @abc.abstractmethod
     async def task_snapshot(self, user_id: str, *, through: int | None, limit: int = 100) -> list[Event]:
         """The newest event of each running task ``user_id`` may see, at or below ``through``."""
+
+    # -- metric snapshots (the report's history when there is no Redis) ---------------------------
+
+    @abc.abstractmethod
+    async def save_snapshot(self, instance: str, at_ms: int, data: bytes, *, keep_ms: int) -> None:
+        """Keep one instance's snapshot; forget every snapshot older than ``keep_ms``."""
+
+    @abc.abstractmethod
+    async def snapshots(
+        self, *, since_ms: int, instance: str | None = None, limit: int = 100_000
+    ) -> list[tuple[str, int, bytes]]:
+        """``(instance, at_ms, data)`` from ``since_ms`` on, oldest first."""
 
     @abc.abstractmethod
     async def maintain(self) -> None:

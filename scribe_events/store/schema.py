@@ -85,3 +85,12 @@ task_readers = sa.Table(
     sa.Column("from_id", sa.BigInteger, nullable=False),
     sa.Column("granted_ms", sa.BigInteger, nullable=False),
 )
+
+# Each instance's metric samples every history interval (when there is no Redis to keep them).
+metric_snapshots = sa.Table(
+    "metric_snapshots",
+    metadata,
+    sa.Column("instance", sa.String(200), primary_key=True),
+    sa.Column("at_ms", sa.BigInteger, primary_key=True),
+    sa.Column("data", sa.LargeBinary, nullable=False),  # zlib-compressed JSON of the samples
+)

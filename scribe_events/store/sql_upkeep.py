@@ -18,7 +18,7 @@ from scribe_events.events import Event, now_ms
 from scribe_events.store import retention
 from scribe_events.store import tasks as task_store
 from scribe_events.store.base import FailedDelivery, Page
-from scribe_events.store.schema import events, failed_deliveries
+from scribe_events.store.schema import events, failed_deliveries, metric_snapshots
 from scribe_events.store.sql_common import EVENT_COLUMNS, LOCK_NAMESPACE, fail
 from scribe_events.store.tasks import TaskState
 from scribe_events.vocabulary import TASK_STARTED, TASK_UPDATED
@@ -175,9 +175,12 @@ class SQLUpkeep:
             for r in await self._rows(stmt)
         ]
 
-    async def count_failures(self, user_id: str) -> int:
+    async def count_failures(self, user_id: str | None) -> int:
+        """Failed deliveries not yet resent, of one user (None: of everyone)."""
         f = failed_deliveries.c
-        stmt = sa.select(sa.func.count()).where(f.user_id == user_id, f.resent_ms.is_(None))
+        stmt = sa.select(sa.func.count()).where(f.resent_ms.is_(None))
+        if user_id is not None:
+            stmt = stmt.where(f.user_id == user_id)
         return int(await self._scalar(stmt) or 0)
 
     async def mark_resent(self, failure_ids: Sequence[int], when_ms: int) -> None:
@@ -216,6 +219,31 @@ class SQLUpkeep:
                 return await retention.size_bytes(conn, self.dialect)
         except (SQLAlchemyError, OSError) as exc:
             raise fail("be measured", exc) from exc
+
+    # -- metric snapshots (the history behind `scribe-events report`, without Redis) ------------
+
+    async def save_snapshot(self, instance: str, at_ms: int, data: bytes, *, keep_ms: int) -> None:
+        """Keep one instance's snapshot; forget every snapshot older than ``keep_ms``."""
+        m = metric_snapshots.c
+        try:
+            async with self._engine.begin() as conn:
+                await conn.execute(
+                    sa.insert(metric_snapshots).values(instance=instance, at_ms=at_ms, data=data)
+                )
+                await conn.execute(sa.delete(metric_snapshots).where(m.at_ms < at_ms - keep_ms))
+        except (SQLAlchemyError, OSError) as exc:
+            raise fail("keep a metric snapshot", exc) from exc
+
+    async def snapshots(
+        self, *, since_ms: int, instance: str | None = None, limit: int = 100_000
+    ) -> list[tuple[str, int, bytes]]:
+        """``(instance, at_ms, data)`` from ``since_ms`` on, oldest first."""
+        m = metric_snapshots.c
+        stmt = sa.select(m.instance, m.at_ms, m.data).where(m.at_ms >= since_ms)
+        if instance is not None:
+            stmt = stmt.where(m.instance == instance)
+        rows = await self._rows(stmt.order_by(m.at_ms).limit(limit), "read the metric snapshots")
+        return [(r.instance, int(r.at_ms), bytes(r.data)) for r in rows]
 
     async def maintain(self) -> None:
         if self.dialect == "postgresql":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -11,9 +12,10 @@ from redis.exceptions import RedisError
 
 from scribe_events.auth import ROLE_ADMIN
 from scribe_events.control import ban_target
-from scribe_events.events import rfc3339
+from scribe_events.events import now_ms, rfc3339
 from scribe_events.exceptions import BrokerUnavailable, NotFound, ValidationFailed
 from scribe_events.ids import check_ip, optional_text_id
+from scribe_events.metrics import samples
 from scribe_events.state import Ban
 from scribe_events.store import FailedDelivery
 from scribe_events.web.deps import AUTH_ERRORS, Caller, EventId, UserId, errors, ms, runtime_of
@@ -194,3 +196,68 @@ async def remove_ban(
     if not await runtime_of(request).control.unban(target):
         raise NotFound(f"no ban on {target}")
     return {"lifted": target}
+
+
+# The settings the report's advice may name, with their current values.
+REPORT_SETTINGS = (
+    "alert_connections",
+    "alert_p99_latency_s",
+    "coalesce_window_s",
+    "end_stream_at_token_expiry",
+    "heartbeat_s",
+    "history_interval_s",
+    "max_connection_buffer",
+    "max_connection_queue",
+    "max_connections",
+    "max_failed_per_user",
+    "max_store_mb",
+    "max_streams_per_ip",
+    "max_streams_per_user",
+    "max_tickets_per_user",
+    "progress_throttle_s",
+    "publish_batch",
+    "publish_queue",
+    "publish_queue_bytes",
+    "replay_page",
+    "retention_days",
+)
+
+
+@router.get("/api/v1/admin/history", tags=["admin"], responses=AUTH_ERRORS)
+async def history(
+    request: Request,
+    principal: Caller,
+    since_s: Annotated[float, Query(gt=0, le=MAX_DAYS * 86_400, allow_inf_nan=False)] = 3600.0,
+    instance: Annotated[str | None, Query(max_length=200)] = None,
+) -> dict[str, Any]:
+    """What `scribe-events report` reads: every instance's metric snapshots of the last `since_s`
+    seconds (kept every `SCRIBE_EVENTS_HISTORY_INTERVAL_S` for `SCRIBE_EVENTS_HISTORY_KEEP_S`; a
+    long window is thinned to 720 per instance), this instance's metrics now, the store's figures
+    and the settings the report's advice names."""
+    principal.require(ROLE_ADMIN)
+    rt = runtime_of(request)
+    instance = optional_text_id(instance, "instance")
+    now = time.time()
+    snapshots = await rt.monitor.history.read(since=now - since_s, instance=instance)
+    live = {
+        "instance": rt.settings.instance_id,
+        "at": now,
+        "metrics": samples(request.app.state.owner.metrics),
+    }
+    store = rt.store
+    return {
+        "now": now,
+        "interval_s": rt.settings.history_interval_s,
+        "answered_by": rt.settings.instance_id,
+        "instances": snapshots,
+        "live": live,
+        "store": {
+            "backend": getattr(store, "dialect", store.describe()),
+            "events": await store.count_older(now_ms() + 1),
+            "oldest_id": await store.oldest(),
+            "newest_id": await store.head(),
+            "failed_deliveries": await store.count_failures(None),
+            "size_bytes": await store.size_bytes(),
+        },
+        "settings": {name: getattr(rt.settings, name) for name in REPORT_SETTINGS},
+    }

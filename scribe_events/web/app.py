@@ -28,9 +28,11 @@ from scribe_events.constants import RedisKeys, redis_client
 from scribe_events.control import Control
 from scribe_events.exceptions import PayloadTooLarge, RequestTimeout, ScribeEventsError, ServiceUnavailable
 from scribe_events.failures import FailureRecorder
+from scribe_events.history import RedisHistory, StoreHistory
 from scribe_events.hub import Hub
 from scribe_events.live_tasks import LiveTasks
-from scribe_events.metrics import make_registry
+from scribe_events.metrics import RequestStats, make_registry
+from scribe_events.monitor import Monitor, Notify
 from scribe_events.publisher import Publisher
 from scribe_events.registry import LocalRegistry, RedisRegistry, Registry
 from scribe_events.retention import RetentionJob
@@ -38,6 +40,7 @@ from scribe_events.runtime import Runtime
 from scribe_events.service import EventService
 from scribe_events.state import MemoryState, RedisState, SharedState
 from scribe_events.store import make_store
+from scribe_events.vocabulary import parse_publish
 from scribe_events.web import errors, routes, stream
 
 log = logging.getLogger("scribe_events")
@@ -49,6 +52,7 @@ class ScribeApp:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime: Runtime | None = None
+        self.requests = RequestStats()
         self.metrics = make_registry(lambda: self.runtime)
         self.api = FastAPI(
             title="scribe-events",
@@ -73,14 +77,26 @@ class ScribeApp:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             if scope["path"] == stream.STREAM_PATH and scope["method"] == "GET" and self.runtime is not None:
-                await stream.handle(self.runtime, scope, receive, send)
+                await stream.handle(self.runtime, scope, receive, send)  # counts its own answer
                 return
+            send = self._counted(send)
             try:
                 receive = await self._buffered(scope, receive)
             except ScribeEventsError as exc:
                 await errors.send_error(send, exc, stream.cors_headers(self.settings, _origin(scope)))
                 return
         await self.api(scope, receive, send)  # type: ignore[arg-type]
+
+    def _counted(self, send: Any) -> Any:
+        """``send``, counting the response's status (``scribe_events_http_responses_total``)."""
+        responses = self.requests.responses
+
+        async def counted(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                responses[message["status"]] += 1
+            await send(message)
+
+        return counted
 
     async def _buffered(self, scope: dict[str, Any], receive: Any) -> Any:
         """Read the whole request body first, bounded in size (413) and time (408), so no route can
@@ -175,6 +191,12 @@ class ScribeApp:
             retention = RetentionJob(store, settings)
             retention.start()
             stack.push_async_callback(retention.close)
+            history = (
+                RedisHistory(redis, RedisKeys(settings.redis_prefix), settings.history_keep_s)
+                if redis is not None
+                else StoreHistory(store, settings.history_keep_s)
+            )
+            monitor = Monitor(settings, hub, self.metrics, history, _notifier(settings, publisher))
             self.runtime = Runtime(
                 settings=settings,
                 verifier=verifier,
@@ -189,9 +211,13 @@ class ScribeApp:
                 recorder=recorder,
                 live=live,
                 service=EventService(settings, store, broker, publisher, state, control, registry),
+                monitor=monitor,
+                requests=self.requests,
                 started_at=time.time(),
             )
             stack.callback(setattr, self, "runtime", None)
+            monitor.start()
+            stack.push_async_callback(monitor.close)
             if settings.gc_freeze:
                 # Long-lived start-up objects leave the collector's view, so full collections stay short.
                 gc.collect()
@@ -219,6 +245,23 @@ class ScribeApp:
             client, keys, hub, ttl_s=1.5 * settings.heartbeat_s, refresh_s=settings.heartbeat_s
         )
         return RedisState(client, keys), registry, client
+
+
+def _notifier(settings: Settings, publisher: Publisher) -> Notify:
+    """Tell the users in alert_notify_users (a stored system.notification, so none is missed)."""
+
+    async def notify(title: str, message: str) -> None:
+        data = {"level": "warning", "title": title, "message": message}
+        events = [
+            parse_publish(
+                {"type": "system.notification", "user_id": user, "data": data},
+                max_event_bytes=settings.max_event_bytes,
+            )
+            for user in settings.alert_notify_users
+        ]
+        await publisher.submit(events)
+
+    return notify
 
 
 def _origin(scope: dict[str, Any]) -> bytes | None:

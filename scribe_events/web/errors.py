@@ -51,7 +51,8 @@ async def send_error(
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(ScribeEventsError)
-    async def _domain(_: Request, exc: ScribeEventsError) -> JSONResponse:
+    async def _domain(request: Request, exc: ScribeEventsError) -> JSONResponse:
+        request.app.state.owner.requests.refused(exc)
         if exc.status >= 500:
             log.warning("%s: %s", exc.code, exc.message)
         return error_response(exc)

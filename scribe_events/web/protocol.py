@@ -26,6 +26,7 @@ from typing import Any, ClassVar, cast
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from scribe_events.config import Settings
+from scribe_events.metrics import REJECTED
 
 TRANSPORT_EXTENSION = "scribe_events.transport"
 # The protocol itself: a stream sets its ``on_writable`` (called when the transport resumes writing).
@@ -175,6 +176,7 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
     def _reject(self, status: int, code: str, message: str) -> None:
         """Answer with an error and close: at once after a FIN, fully once the client closes or lingers."""
         self._rejected = True
+        REJECTED[code] += 1
         self._cancel_timer()
         self._unset_keepalive_if_required()
         if self.transport.is_closing():

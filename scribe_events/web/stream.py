@@ -79,8 +79,11 @@ async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connectio
         # Checked last, after every await, so concurrent opens cannot all slip under the caps.
         runtime.admission.stream_room(principal, _ip(scope))
     except ScribeEventsError as exc:
+        runtime.requests.refused(exc)
+        runtime.requests.responses[exc.status] += 1
         await send_error(send, exc, cors)
         return None
+    runtime.requests.responses[200] += 1
 
     await send(
         {
@@ -189,6 +192,8 @@ async def _replay(runtime: Runtime, conn: Connection, after: int | None) -> None
     what arrived live meanwhile. (``after`` None: a fresh stream, only the latter.)"""
     hub, store, page = runtime.hub, runtime.store, runtime.settings.replay_page
     sent = after
+    if after is not None:
+        hub.replays += 1
     while sent is not None and conn.id in hub.connections:
         try:
             batch = await store.read(
@@ -207,6 +212,7 @@ async def _replay(runtime: Runtime, conn: Connection, after: int | None) -> None
         for delivery in sendable(batch, runtime.recorder.on_unsendable):
             if not hub.write_direct(conn, (delivery.chunk,), delivery.seq):
                 return
+            hub.replayed += 1
             if conn.buffer_size() > hub.max_buffer // 2 and not await _drain(hub, conn):
                 return
         sent = batch.through
