@@ -7,6 +7,7 @@ session a request names and the caps on open streams.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from scribe_events.auth import Principal, TokenVerifier, bearer_token
@@ -15,15 +16,29 @@ from scribe_events.control import Control
 from scribe_events.exceptions import BadRequest, Forbidden, InvalidToken, RateLimited
 from scribe_events.hub import Hub
 from scribe_events.ids import ID_RULE, is_text_id
+from scribe_events.proxies import TrustedProxies
+from scribe_events.ratelimit import RateLimits
 from scribe_events.state import SharedState
+
+log = logging.getLogger("scribe_events.admission")
 
 _TICKET = re.compile(r"[A-Za-z0-9_-]{16,128}")
 
 
 class Admission:
     def __init__(
-        self, settings: Settings, verifier: TokenVerifier, state: SharedState, control: Control, hub: Hub
+        self,
+        settings: Settings,
+        verifier: TokenVerifier,
+        state: SharedState,
+        control: Control,
+        hub: Hub,
+        limits: RateLimits | None = None,
     ) -> None:
+        self.limits = limits or RateLimits(settings)
+        self.auto_bans = 0
+        # A proxy's own address is never banned automatically: it would shut out everyone behind it.
+        self.never_ban = TrustedProxies(settings.trusted_proxies)
         self.settings = settings
         self.verifier = verifier
         self.state = state
@@ -39,9 +54,34 @@ class Admission:
                 raise InvalidToken("the ticket is unknown, expired or already used", reason="invalid_ticket")
             principal = await self.state.redeem_ticket(ticket)
         else:
-            principal = self.verifier.verify(bearer_token(authorization))
+            try:
+                principal = self.verifier.verify(bearer_token(authorization))
+            except InvalidToken as exc:
+                if exc.reason == "invalid_token" and remote_ip:  # forged or garbled, not merely old
+                    await self._failed(remote_ip)
+                raise
         self.control.check(principal, remote_ip)
         return principal
+
+    async def _failed(self, ip: str) -> None:
+        """One more failed authentication from ``ip``: past auto_ban_failures it is banned."""
+        if self.settings.auto_ban_failures == 0 or ip in self.never_ban:
+            return
+        if not await self.limits.failed_authentication(ip):
+            return
+        s = self.settings
+        reason = f"automatic: {s.auto_ban_failures} failed authentications within {s.auto_ban_window_s} s"
+        try:
+            await self.control.ban(f"ip:{ip}", reason, s.auto_ban_s)
+        except Exception as exc:  # the ban could not be stored: the failure is still answered 401
+            log.error("could not ban %s automatically: %s", ip, exc)
+            return
+        self.auto_bans += 1
+        log.warning("banned %s for %d s: %s", ip, s.auto_ban_s, reason)
+
+    async def limit(self, kind: str, principal: Principal, remote_ip: str | None) -> None:
+        """Count a request of ``kind`` (streams, tickets, polling, publish): 429 past a rate limit."""
+        await self.limits.check(kind, principal, remote_ip)
 
     @staticmethod
     def session(principal: Principal, requested: str | None) -> str | None:

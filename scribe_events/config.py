@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     # Prefix of every Redis key and channel (several deployments, or tests, can share one Redis).
     redis_prefix: str = "scribe-events:"
+    # Connections of an instance's Redis command pool (the broker's subscription has its own).
+    redis_max_connections: int = Field(50, ge=2, le=10_000)
 
     jwt_secret: str | None = None
     jwt_secret_file: str = DEFAULT_SECRET_FILE
@@ -100,6 +102,31 @@ class Settings(BaseSettings):
     # End a stream when its token expires (the client resumes with a fresh ticket, missing nothing).
     end_stream_at_token_expiry: bool = True
 
+    # Rate limits (R8.5), in the limits library's notation ("60/minute", "5 per second"; "none"):
+    # per user on opening streams, minting tickets, polling and publishing (a publisher is a trusted
+    # service: its default is far above the throughput targets), per address on all but publishing
+    # (high enough for a whole office behind one NAT), and one for admins. Counted in Redis when
+    # configured (they hold across instances). Past one: 429 rate_limited with Retry-After.
+    rate_limits: bool = True
+    rate_limit_streams_per_user: str = "120/minute"
+    rate_limit_tickets_per_user: str = "240/minute"
+    rate_limit_polling_per_user: str = "240/minute"
+    rate_limit_publish_per_user: str = "1200000/minute"
+    rate_limit_per_ip: str = "60000/minute"
+    rate_limit_admin: str = "12000/minute"
+
+    # Automatic bans: the auto_ban_failures-th failed authentication (a forged, malformed or badly
+    # signed token; not an expired token or a spent ticket, which honest clients send too) from one
+    # address within auto_ban_window_s bans that address for auto_ban_s, on every instance
+    # (0: off). Trusted proxies are never banned this way.
+    auto_ban_failures: int = Field(6, ge=0)
+    auto_ban_window_s: int = Field(60, ge=1)
+    auto_ban_s: int = Field(600, ge=1, le=10 * 365 * 86_400)
+
+    # Proxies whose Forwarded / X-Forwarded-For headers are believed (addresses or CIDR blocks, e.g.
+    # ["127.0.0.1", "10.0.0.0/8"]); from any other peer those headers are ignored.
+    trusted_proxies: list[str] = Field(default_factory=list, max_length=1000)
+
     # Tasks (R3, R4.6). A task's progress updates reach a client at most once per
     # progress_throttle_s (a burst coalesces to its latest value); a task silent for
     # task_heartbeat_s gets a task.progress-heartbeat, with stalled: true once silent for
@@ -126,7 +153,7 @@ class Settings(BaseSettings):
     reconnect_initial_delay_ms: int = 1000
     reconnect_max_delay_ms: int = 30_000
 
-    instance_id: str = Field(default_factory=_default_instance)
+    instance_id: str = Field(default_factory=_default_instance, min_length=1, max_length=200)
     host: str = "127.0.0.1"
     port: int = 8000
     url: str = "http://127.0.0.1:8000"
@@ -155,6 +182,29 @@ class Settings(BaseSettings):
             TomlConfigSettingsSource(settings_cls),
             file_secret_settings,
         )
+
+    @field_validator(
+        "rate_limit_streams_per_user",
+        "rate_limit_tickets_per_user",
+        "rate_limit_polling_per_user",
+        "rate_limit_publish_per_user",
+        "rate_limit_per_ip",
+        "rate_limit_admin",
+    )
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        from scribe_events.ratelimit import parse_limit
+
+        parse_limit(value)
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        from scribe_events.proxies import parse_networks
+
+        parse_networks(value)  # a ValueError names the bad entry
+        return value
 
     @model_validator(mode="after")
     def _refuse_weak_production(self) -> Settings:

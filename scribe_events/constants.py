@@ -5,10 +5,23 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
+REDIS_POOL_MAX = 50
 
-def redis_client(url: str) -> aioredis.Redis:
-    """A command connection pool (short timeouts: a request never hangs on a lost Redis)."""
-    return aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+
+def redis_client(url: str, max_connections: int = REDIS_POOL_MAX) -> aioredis.Redis:
+    """A command connection pool (short timeouts: a request never hangs on a lost Redis), bounded:
+    past ``max_connections`` commands in flight, the next waits for a connection (at most 5 s),
+    so a burst of requests cannot open sockets without end."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=5, socket_connect_timeout=2, socket_timeout=5
+    )
+    return aioredis.Redis.from_pool(pool)
+
+
+def pool_size(client: aioredis.Redis | None) -> int:
+    """Connections a client's pool holds now (idle and in use)."""
+    pool = getattr(client, "connection_pool", None)
+    return len(getattr(pool, "_available_connections", ())) + len(getattr(pool, "_in_use_connections", ()))
 
 
 class RedisKeys:

@@ -182,7 +182,7 @@ class Event:
             self.readers if self.for_task else None,
             self.task_id,
             self.novel_id,
-            time_ms=self.time_ms,
+            time_ms=0 if self.resend else self.time_ms,  # a resend is not a publish to time
         )
 
 

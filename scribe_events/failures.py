@@ -142,7 +142,8 @@ class FailureRecorder:
                 await self.store.record_failures(rows)
             self._waiting.popleft()
             self.recorded += len(rows)
-            count_families(self.failed_by, (r.type or "" for r in rows))
+            # (an unsendable event is counted among the drops, not here: no stream was cut)
+            count_families(self.failed_by, (r.type or "" for r in rows if r.reason != UNSENDABLE))
             if rows and isinstance(item, _Cut):
                 log.warning(
                     "recorded %d failed deliveries for connection %s user=%s reason=%s",

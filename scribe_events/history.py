@@ -8,9 +8,10 @@ to the store's ``metric_snapshots`` table. Both forget what is older than ``hist
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -20,6 +21,7 @@ from scribe_events.exceptions import ServiceUnavailable
 from scribe_events.store import EventStore
 
 Snapshot = dict[str, Any]
+T = TypeVar("T")
 # Snapshots one answer holds per instance at most; a longer window is thinned evenly (counters and
 # histograms are cumulative, so rates over the window stay exact; gauges lose detail).
 MAX_POINTS = 720
@@ -38,7 +40,17 @@ def unpack(data: bytes) -> Snapshot | None:
     return value if isinstance(value, dict) and isinstance(value.get("metrics"), dict) else None
 
 
-def thin(points: list[Snapshot], limit: int = MAX_POINTS) -> list[Snapshot]:
+def _unpack_all(raw: dict[str, list[bytes]]) -> dict[str, list[Snapshot]]:
+    """Thinned first, then decompressed (off the event loop: a day of snapshots takes a while)."""
+    out = {}
+    for name, blobs in raw.items():
+        points = [s for s in map(unpack, thin(blobs)) if s is not None]
+        if points:
+            out[name] = points
+    return out
+
+
+def thin(points: list[T], limit: int = MAX_POINTS) -> list[T]:
     """At most ``limit`` of ``points``, evenly spread, the first and the last always kept."""
     if len(points) <= limit:
         return points
@@ -64,11 +76,10 @@ class StoreHistory:
 
     async def read(self, *, since: float, instance: str | None = None) -> dict[str, list[Snapshot]]:
         rows = await self.store.snapshots(since_ms=int(since * 1000), instance=instance)
-        out: dict[str, list[Snapshot]] = {}
+        raw: dict[str, list[bytes]] = {}
         for name, _, data in rows:
-            if (snapshot := unpack(data)) is not None:
-                out.setdefault(name, []).append(snapshot)
-        return {name: thin(points) for name, points in out.items()}
+            raw.setdefault(name, []).append(data)
+        return await asyncio.to_thread(_unpack_all, raw)
 
 
 class RedisHistory:
@@ -100,12 +111,11 @@ class RedisHistory:
                 names = [n.decode() for n in found]
             else:
                 names = [instance]
-            out: dict[str, list[Snapshot]] = {}
+            raw: dict[str, list[bytes]] = {}
             for name in names:
-                raw: list[Any] = await self.client.zrangebyscore(self.keys.history(name), since, "+inf")
-                points = [s for s in map(unpack, raw) if s is not None]
-                if points:
-                    out[name] = thin(points)
-            return out
+                blobs: list[Any] = await self.client.zrangebyscore(self.keys.history(name), since, "+inf")
+                if blobs:
+                    raw[name] = blobs
         except (RedisError, OSError) as exc:
             raise ServiceUnavailable(f"Redis could not read the metric history: {exc}") from exc
+        return await asyncio.to_thread(_unpack_all, raw)

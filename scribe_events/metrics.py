@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from scribe_events.constants import pool_size
 from scribe_events.tasks import CRASHES
 
 if TYPE_CHECKING:
@@ -254,7 +255,11 @@ class RuntimeCollector:
         )
 
         # -- store and publishing
-        yield counter("scribe_events_store_batches", "Group-commit transactions.", publisher.batches)
+        yield counter(
+            "scribe_events_store_batches",
+            "Group-commit batches (a store transaction when they hold stored events or claims).",
+            publisher.batches,
+        )
         yield publisher.commit_seconds.family(
             "scribe_events_store_commit_seconds", "One group commit (the store's transaction).", instance
         )
@@ -277,6 +282,11 @@ class RuntimeCollector:
 
         # -- broker
         yield gauge("scribe_events_broker_up", "1 when the broker subscription is up.", float(broker.up))
+        yield gauge(
+            "scribe_events_redis_connections",
+            "Connections the instance's Redis command pool holds (0 without Redis).",
+            pool_size(getattr(rt.state, "client", None)),
+        )
         yield counter(
             "scribe_events_broker_reconnects", "Times the broker subscription came back.", broker.reconnects
         )
@@ -307,6 +317,16 @@ class RuntimeCollector:
         )
         yield counter(
             "scribe_events_requests_banned", "Requests refused for a banned user or address.", requests.banned
+        )
+        yield counter(
+            "scribe_events_auto_bans",
+            "Addresses banned automatically for repeated failed authentications.",
+            rt.admission.auto_bans,
+        )
+        yield counter(
+            "scribe_events_rate_limit_errors",
+            "Rate-limit checks let through because their storage (Redis) failed.",
+            sum(rt.admission.limits.unavailable.values()),
         )
         yield by(
             "scribe_events_requests_unavailable",

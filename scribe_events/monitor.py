@@ -26,11 +26,17 @@ from scribe_events.exceptions import ScribeEventsError
 from scribe_events.history import History
 from scribe_events.hub import Hub
 from scribe_events.metrics import quantile, samples
-from scribe_events.tasks import cancel, supervise
+from scribe_events.tasks import cancel, spawn, supervise
 
 log = logging.getLogger("scribe_events.monitor")
 
 PROBE_S = 0.25
+# The p99 of an interval counts only with this many events written in it; it clears (hysteresis)
+# once back under CLEAR_BELOW of its limit, and a threshold notifies at most every NOTIFY_EVERY_S.
+MIN_P99_EVENTS = 20
+CLEAR_BELOW = 0.8
+NOTIFY_EVERY_S = 600.0
+NOTIFY_TIMEOUT_S = 10.0
 CONNECTIONS = "connections"
 P99_LATENCY = "p99_latency"
 # Notify: (title, message) -> sent to the users in alert_notify_users as a system.notification.
@@ -79,6 +85,8 @@ class Monitor:
         }
         self.exceeded = dict.fromkeys(self.limits, False)
         self.crossed: Counter[str] = Counter()
+        self._notified_at: dict[str, float] = {}
+        self._peak: tuple[int, int] = (0, 0)  # (streams, memory gained) at the most streams seen
         self.p99 = 0.0  # publish-to-write p99 of the last interval (0: nothing written)
         self.cpu_per_event = 0.0
         self.history_failures = 0
@@ -132,12 +140,17 @@ class Monitor:
         if self._last is not None:
             _, cpu, delivered, counts = self._last
             written = [a - b for a, b in zip(now[3], counts, strict=True)]
-            self.p99 = quantile(self.hub.latency.bounds, written, 0.99) if sum(written) else 0.0
+            if sum(written) >= MIN_P99_EVENTS:
+                self.p99 = quantile(self.hub.latency.bounds, written, 0.99)
+            elif not sum(written):
+                self.p99 = 0.0  # nothing written, nothing late; a few writes say nothing either way
             if (events := now[2] - delivered) > 0:  # an idle interval keeps the last measured cost
                 self.cpu_per_event = (now[1] - cpu) / events
         self._last = now
-        await self._check(CONNECTIONS, float(len(self.hub)), f"{len(self.hub)} open streams")
-        await self._check(P99_LATENCY, self.p99, f"p99 publish-to-write latency {self.p99 * 1000:.0f} ms")
+        self._check(CONNECTIONS, float(len(self.hub)), f"{len(self.hub)} open streams")
+        self._check(P99_LATENCY, self.p99, f"p99 publish-to-write latency about {self.p99 * 1000:.0f} ms")
+        if (streams := len(self.hub)) >= self._peak[0]:
+            self._peak = (streams, max(0, rss_bytes() - self.rss_at_start))
         snapshot = {"instance": self.settings.instance_id, "at": now[0], "metrics": samples(self.registry)}
         self._lag_before, self._lag_now = self._lag_now, 0.0
         try:
@@ -149,10 +162,11 @@ class Monitor:
             log.warning("could not keep a metric snapshot: %s", exc.message)
         return snapshot
 
-    async def _check(self, name: str, value: float, shown: str) -> None:
+    def _check(self, name: str, value: float, shown: str) -> None:
         limit = self.limits[name]
-        over = value > limit
-        if over == self.exceeded[name]:
+        was = self.exceeded[name]
+        over = value > limit if not was else value >= limit * CLEAR_BELOW
+        if over == was:
             return
         self.exceeded[name] = over
         if not over:
@@ -162,11 +176,22 @@ class Monitor:
         setting = "SCRIBE_EVENTS_ALERT_" + ("CONNECTIONS" if name == CONNECTIONS else "P99_LATENCY_S")
         message = f"{shown} on instance {self.settings.instance_id}: above {setting}={limit:g}"
         log.warning("threshold %s crossed: %s", name, message)
-        if self.notify is not None and self.settings.alert_notify_users:
-            try:
-                await self.notify(f"scribe-events: {name} threshold crossed", message)
-            except Exception as exc:  # an alert that cannot be sent must not stop the monitor
-                log.warning("could not notify about the %s threshold: %s", name, exc)
+        now = time.monotonic()
+        if self.notify is None or not self.settings.alert_notify_users:
+            return
+        if now - self._notified_at.get(name, -NOTIFY_EVERY_S) < NOTIFY_EVERY_S:
+            return  # told lately: the log and the metric say the rest
+        self._notified_at[name] = now
+        spawn(self._send(name, message), "scribe-threshold-notify")  # the tick never waits on the store
+
+    async def _send(self, name: str, message: str) -> None:
+        assert self.notify is not None
+        try:
+            await asyncio.wait_for(
+                self.notify(f"scribe-events: {name} threshold crossed", message), NOTIFY_TIMEOUT_S
+            )
+        except Exception as exc:  # an alert that cannot be sent must not stop anything
+            log.warning("could not notify about the %s threshold: %s", name, exc)
 
     def collect(self, instance: list[str]) -> Iterator[Metric]:
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -198,10 +223,14 @@ class Monitor:
             f"The largest event-loop lag seen in the last interval (a {PROBE_S:g} s probe).",
             self.loop_lag,
         )
+        peak, gained = self._peak
+        if conns >= peak:
+            peak, gained = conns, max(0, rss - self.rss_at_start)
         yield gauge(
             "scribe_events_cost_memory_bytes_per_connection",
-            "Measured: resident memory gained since start-up, per open stream (0 with none).",
-            max(0, rss - self.rss_at_start) / conns if conns else 0.0,
+            "Measured: resident memory gained since start-up, per stream, when the most streams were "
+            "open (0 before any).",
+            gained / peak if peak else 0.0,
         )
         yield gauge(
             "scribe_events_cost_cpu_seconds_per_delivered_event",

@@ -67,7 +67,11 @@ class EventService:
                 field="sensitive",
                 code="encryption_not_configured",
             )
-        ids = await self._publish(principal, events, idempotency_key, request_hash)
+        return await self._publish(principal, events, idempotency_key, request_hash)
+
+    async def _submit(self, events: list[Event], claim: IdempotencyRecord | None = None) -> list[str]:
+        """Hand new events to the publisher; counted once accepted (an idempotent retry is not)."""
+        ids = await self.publisher.submit(events, claim)
         count_families(self.published, (e.type for e in events))
         return ids
 
@@ -75,7 +79,7 @@ class EventService:
         self, principal: Principal, events: list[Event], idempotency_key: str | None, request_hash: str
     ) -> list[str]:
         if idempotency_key is None:
-            return await self.publisher.submit(events)
+            return await self._submit(events)
         slot = (principal.user_id, idempotency_key)
         inflight = self._inflight.get(slot)
         if inflight is not None:
@@ -107,7 +111,7 @@ class EventService:
                         _check_same(record.request_hash, request_hash)
                         return list(record.ids)
                     claim = IdempotencyRecord(slot[0], slot[1], request_hash, ())
-                    return await self.publisher.submit(events, claim)
+                    return await self._submit(events, claim)
                 finally:
                     await cancel(renewing)
                     await self.state.release(*slot)

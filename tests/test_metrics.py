@@ -279,8 +279,9 @@ def test_p99_latency_threshold(make_server: MakeServer) -> None:
     server = make_server(history_interval_s=0.2, alert_p99_latency_s=0.0001)
     with server.stream("alice") as s:
         s.read_count(1, event="connection.established")
-        server.publish_ok({"type": "custom.slowish", "user_id": "alice"})  # a store commit takes longer
-        s.read_count(1)
+        # Enough events in one interval to count (a store commit takes longer than 0.1 ms).
+        server.publish_ok({"events": [{"type": "custom.slowish", "user_id": "alice"}] * 30})
+        s.read_count(30)
         wait_for(
             lambda: value(server, 'scribe_events_threshold_exceeded{threshold="p99_latency"}') == 1, timeout=3
         )
@@ -460,3 +461,109 @@ def test_report_after_the_demo_matches_metrics_and_names_real_settings(
     assert any(a["setting"] == "max_connection_queue" for a in advice)
     fields = set(Settings.model_fields)
     assert all(a["setting"] in fields and a["env"] == "SCRIBE_EVENTS_" + a["setting"].upper() for a in advice)
+
+
+# -- review findings: the monitor's and the broker's arithmetic ------------------------------------
+
+
+class _Hub:
+    """What the monitor reads of a hub."""
+
+    def __init__(self) -> None:
+        self.connections: dict[str, object] = {}
+        self.delivered = 0
+        self.latency = Histogram()
+
+    def __len__(self) -> int:
+        return len(self.connections)
+
+
+class _History:
+    async def save(self, snapshot: dict[str, Any]) -> None:
+        pass
+
+
+def _monitor(**settings: Any) -> tuple[Any, _Hub, list[str]]:
+    from prometheus_client import CollectorRegistry
+
+    from scribe_events.config import Settings
+    from scribe_events.monitor import Monitor
+
+    hub = _Hub()
+    sent: list[str] = []
+
+    async def notify(title: str, message: str) -> None:
+        sent.append(message)
+
+    monitor = Monitor(Settings(**settings), hub, CollectorRegistry(), _History(), notify)  # type: ignore[arg-type]
+    monitor._last = monitor._reading()
+    return monitor, hub, sent
+
+
+def test_the_p99_threshold_needs_enough_events_and_clears_with_hysteresis() -> None:
+    monitor, hub, sent = _monitor(alert_p99_latency_s=0.5, alert_notify_users=["ops"])
+
+    async def run() -> list[bool]:
+        seen = []
+        for writes in ([0.8], [0.8] * 30, [0.45] * 30, [0.2] * 30, [], [0.8] * 30):
+            for w in writes:
+                hub.latency.observe(w)
+                hub.delivered += 1
+            await monitor.tick()
+            await asyncio.sleep(0)  # the notification goes out in the background
+            seen.append(monitor.exceeded["p99_latency"])
+        return seen
+
+    # one slow write: not enough; 30: over; 0.45 s: still over (clears below 0.4); 0.2 s: clear;
+    # an idle interval: clear; slow again: over, but told once only within NOTIFY_EVERY_S
+    assert asyncio.run(run()) == [False, True, True, False, False, True]
+    assert monitor.crossed["p99_latency"] == 2 and len(sent) == 1
+
+
+def test_memory_cost_is_taken_at_the_most_streams_not_after_they_close() -> None:
+    monitor, hub, _ = _monitor()
+    hub.connections = {str(i): object() for i in range(1000)}
+    monitor.rss_at_start -= 10 * 1024 * 1024  # as if 10 MiB had been gained for them
+    asyncio.run(monitor.tick())
+    hub.connections = {"0": object()}
+    family = {m.name: m for m in monitor.collect(["i"])}["scribe_events_cost_memory_bytes_per_connection"]
+    per_connection = family.samples[0].value
+    assert 10 * 1024 <= per_connection < 12 * 1024  # ~10 KiB each, not 10 MiB for the one left
+
+
+def test_the_redis_round_trip_goes_on_after_a_lost_message() -> None:
+    from scribe_events.broker.redis import RedisBroker, _token
+    from scribe_events.constants import RedisKeys
+
+    async def run() -> int:
+        broker = RedisBroker(
+            "redis://127.0.0.1:1/0",
+            None,
+            RedisKeys("x:"),
+            catch_up=None,  # type: ignore[arg-type]
+        )
+        try:
+            now = time.monotonic()
+            for n in range(5):
+                broker._in_flight.append((_token(b"m%d" % n), now))
+            broker._came_back(b"m0")
+            # m1 was lost (a Redis blip): m2 coming back still counts and forgets m1
+            broker._came_back(b"m2")
+            broker._came_back(b"other instance's")  # not ours: nothing
+            broker._came_back(b"m3")
+            assert [t for t, _ in broker._in_flight] == [_token(b"m4")]
+            return broker.round_trip.count
+        finally:
+            await broker._listener_client.aclose()
+
+    assert asyncio.run(run()) == 3
+
+
+def test_a_resent_event_is_not_timed_as_a_publish() -> None:
+    from scribe_events.events import Event
+
+    event = Event("custom.x", "{}", user_id="u", time_ms=1)
+    event.id = 7
+    assert event.delivery().time_ms == 1
+    event.resend = True
+    assert event.delivery().time_ms == 0

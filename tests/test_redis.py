@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -549,3 +550,43 @@ def test_redis_keeps_every_instances_history_and_the_report_reads_it(
             if x.startswith('scribe_events_events_delivered_total{family="custom"')
         )
         assert body["instances"]["two"]["totals"]["delivered"] == float(line.rsplit(" ", 1)[1]) == 3
+
+
+def test_redis_rate_limits_hold_across_instances(tmp_path: Path, pg_schema: str, redis_prefix: str) -> None:
+    extra = {"SCRIBE_EVENTS_RATE_LIMIT_POLLING_PER_USER": "3/minute"}
+    with instances(tmp_path, pg_schema, redis_prefix, "one", "two", **extra) as (one, two):
+        headers = {"Authorization": f"Bearer {mint_token(SECRET, 'alice')}"}
+        statuses = [httpx.get(s.url + "/api/v1/events", headers=headers) for s in (one, two, one, two)]
+        assert [r.status_code for r in statuses] == [200, 200, 200, 429]
+        assert statuses[-1].json()["error"]["code"] == "rate_limited"
+        assert int(statuses[-1].headers["retry-after"]) >= 1
+        bob = {"Authorization": f"Bearer {mint_token(SECRET, 'bob')}"}
+        assert httpx.get(two.url + "/api/v1/events", headers=bob).status_code == 200
+        assert redis.Redis.from_url(REDIS_URL).keys(f"{redis_prefix}ratelimit*")  # counted in Redis
+        pool = re.search(
+            r"^scribe_events_redis_connections\{[^}]*\} (\S+)$", httpx.get(one.url + "/metrics").text, re.M
+        )
+        assert pool is not None and 1 <= float(pool.group(1)) <= 50  # the command pool, bounded
+
+
+def test_redis_failed_logins_across_instances_ban_the_address_on_both(
+    tmp_path: Path, pg_schema: str, redis_prefix: str
+) -> None:
+    extra = {"SCRIBE_EVENTS_TRUSTED_PROXIES": '["127.0.0.1"]'}
+    with instances(tmp_path, pg_schema, redis_prefix, "one", "two", **extra) as (one, two):
+        forged = {"Authorization": "Bearer not.a.token", "X-Forwarded-For": "203.0.113.66"}
+        statuses = [httpx.get(s.url + "/api/v1/events", headers=forged).status_code for s in (one, two) * 3]
+        assert statuses == [401] * 6  # the 6th, on two, counted with one's three
+        good = {"Authorization": f"Bearer {mint_token(SECRET, 'alice')}", "X-Forwarded-For": "203.0.113.66"}
+        wait_for(
+            lambda: all(
+                httpx.get(s.url + "/api/v1/events", headers=good).status_code == 403 for s in (one, two)
+            )
+        )
+        lifted = httpx.request("DELETE", one.url + "/api/v1/admin/bans?ip=203.0.113.66", headers=_admin(one))
+        assert lifted.status_code == 200, lifted.text
+        wait_for(
+            lambda: all(
+                httpx.get(s.url + "/api/v1/events", headers=good).status_code == 200 for s in (one, two)
+            )
+        )

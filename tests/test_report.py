@@ -21,6 +21,7 @@ import pytest
 from rich.console import Console
 
 from scribe_events import report as rp
+from scribe_events import report_advice as ra
 from scribe_events.config import Settings
 from scribe_events.metrics import sample_key
 from scribe_events.report_html import render_html
@@ -357,16 +358,16 @@ def test_report_cost_of_a_light_load_is_not_extrapolated() -> None:
 
 
 def test_report_every_setting_a_rule_can_name_is_a_real_setting() -> None:
-    named_by_rules = {s for rule in rp.RULES for s in rule.settings} | set(rp.LIMITS.values())
+    named_by_rules = {s for rule in ra.RULES for s in rule.settings} | set(ra.LIMITS.values())
     missing = named_by_rules - set(Settings.model_fields)
     assert not missing, f"advice names settings that do not exist: {sorted(missing)}"
 
 
 def test_report_a_rule_naming_an_undeclared_setting_is_refused() -> None:
     facts = rp.Facts(build()["total"], {}, {}, {}, {}, {})
-    rogue = rp.Rule("rogue", ("publish_batch",), lambda f: [rp.Advice("max_connections", 1, 2, "x")])
+    rogue = ra.Rule("rogue", ("publish_batch",), lambda f: [ra.Advice("max_connections", 1, 2, "x")])
     with pytest.raises(RuntimeError, match="does not declare"):
-        rp.advise(facts, [rogue])
+        ra.advise(facts, [rogue])
 
 
 def test_report_healthy_history_has_no_advice_and_says_so() -> None:
@@ -822,12 +823,7 @@ def test_report_page_charts_are_visible_in_chromium(tmp_path: Path) -> None:
             browser.close()
 
 
-# --- end to end: a real server's history (needs GET /api/v1/admin/history) ------------------------
-
-
-def _has_history(server: ThreadServer) -> bool:
-    paths = httpx.get(server.url + "/openapi.json", timeout=5).json()["paths"]
-    return "/api/v1/admin/history" in paths
+# --- end to end: a real server's history (GET /api/v1/admin/history) ------------------------------
 
 
 def _history_of(server: ThreadServer) -> dict[str, Any]:
@@ -844,8 +840,6 @@ def _history_of(server: ThreadServer) -> dict[str, Any]:
 def test_report_e2e_against_a_real_server(make_server: Any, tmp_path: Path) -> None:
     """End to end: streams and events on a real server, then `scribe-events report` reads its history."""
     server = make_server(history_interval_s=0.3)
-    if not _has_history(server):
-        pytest.skip("waiting for GET /api/v1/admin/history (the server side of issue 11)")
     wait_for(lambda: len(_history_of(server)["instances"].get("test-instance", [])) >= 1, timeout=10)
     streams = [server.stream(f"reader-{i}") for i in range(3)]
     try:
@@ -890,8 +884,6 @@ def test_report_e2e_history_sends_every_setting_the_advice_names(make_server: An
     """End to end: the answer's "settings" hold the current value of every setting a rule may name
     (the URL excepted: the report names the store's backend, never the URL and its password)."""
     server = make_server()
-    if not _has_history(server):
-        pytest.skip("waiting for GET /api/v1/admin/history (the server side of issue 11)")
-    named_by_rules = {s for rule in rp.RULES for s in rule.settings} - {"database_url"}
+    named_by_rules = {s for rule in ra.RULES for s in rule.settings} - {"database_url"}
     missing = named_by_rules - set(_history_of(server)["settings"])
     assert not missing, f"GET /api/v1/admin/history leaves out settings the advice names: {sorted(missing)}"

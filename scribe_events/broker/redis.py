@@ -28,6 +28,7 @@ import contextlib
 import json
 import logging
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -50,7 +51,6 @@ STORE_POLL_S = 0.25  # while Redis is away
 
 FOREIGN_LOG_EVERY_S = 60.0
 IN_FLIGHT_MAX = 1000
-IN_FLIGHT_FORGET_S = 30.0
 
 
 def _row(e: Event) -> list[Any]:
@@ -91,6 +91,10 @@ def encode(events: Sequence[Event], origin: int = 0, on_skip: SkipHook | None = 
     return b"%d:%b" % (origin, body)
 
 
+def _token(payload: bytes) -> tuple[int, int]:
+    return len(payload), zlib.crc32(payload)
+
+
 def decode(payload: bytes) -> tuple[int, list[Delivery]]:
     """The origin and the deliveries of a message; a row that cannot be framed is skipped."""
     origin, _, body = payload.partition(b":")
@@ -98,7 +102,7 @@ def decode(payload: bytes) -> tuple[int, list[Delivery]]:
     for row in json.loads(body):
         try:
             deliveries.append(Delivery.build(*row, time_ms=envelope_time_ms(row[6])))
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, IndexError, AttributeError) as exc:
             log.error("a broker message holds an event that cannot be sent; skipped: %s", exc)
     return int(origin), deliveries
 
@@ -132,9 +136,11 @@ class RedisBroker(Broker):
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self.up = False
-        # This instance's own messages on their way, oldest first: (payload, sent at), to time the
-        # round trip when each comes back (the channel keeps their order).
-        self._in_flight: collections.deque[tuple[bytes, float]] = collections.deque(maxlen=IN_FLIGHT_MAX)
+        # This instance's own messages on their way, oldest first: (a token of the payload, sent at),
+        # to time the round trip when each comes back (the channel keeps their order).
+        self._in_flight: collections.deque[tuple[tuple[int, int], float]] = collections.deque(
+            maxlen=IN_FLIGHT_MAX
+        )
 
     async def start(self, sink: DeliverySink) -> None:
         self._sink = sink
@@ -146,18 +152,23 @@ class RedisBroker(Broker):
 
     async def publish(self, events: Sequence[Event]) -> None:
         payload = encode(events, self.origin, self.on_unsendable)
-        self._in_flight.append((payload, time.monotonic()))
+        self._in_flight.append((_token(payload), time.monotonic()))
         await self.client.publish(self.keys.events, payload)
 
     def _came_back(self, payload: bytes) -> None:
-        """Time the round trip of this instance's own message; forget ones that never came back."""
+        """Time the round trip of one of this instance's own messages. Ours come back in order, so
+        the ones before it that have not come back never will (lost in a Redis blip): forgotten."""
         in_flight = self._in_flight
-        now = time.monotonic()
-        if in_flight and in_flight[0][0] == payload:
-            self.round_trip.observe(now - in_flight.popleft()[1])
+        if not in_flight:
             return
-        while in_flight and now - in_flight[0][1] > IN_FLIGHT_FORGET_S:
-            in_flight.popleft()
+        token = _token(payload)
+        for i, (sent, at) in enumerate(in_flight):
+            if sent == token:
+                for _ in range(i + 1):
+                    in_flight.popleft()
+                self.round_trip.observe(time.monotonic() - at)
+                return
+        # Another instance's message: nothing of ours to time.
 
     async def publish_control(self, message: dict[str, Any]) -> None:
         await self.client.publish(self.keys.control, json.dumps({**message, "origin": self.origin}))
@@ -194,6 +205,7 @@ class RedisBroker(Broker):
             pubsub = self._listener_client.pubsub()
             try:
                 await pubsub.subscribe(self.keys.events, self.keys.control)
+                self._in_flight.clear()  # what was sent while away will not come back
                 if not self.up and self._subscribed.is_set():
                     self.reconnects += 1
                     log.warning(

@@ -93,4 +93,5 @@ metric_snapshots = sa.Table(
     sa.Column("instance", sa.String(200), primary_key=True),
     sa.Column("at_ms", sa.BigInteger, primary_key=True),
     sa.Column("data", sa.LargeBinary, nullable=False),  # zlib-compressed JSON of the samples
+    sa.Index("ix_metric_snapshots_at_ms", "at_ms"),
 )

@@ -242,8 +242,9 @@ class SQLUpkeep:
         stmt = sa.select(m.instance, m.at_ms, m.data).where(m.at_ms >= since_ms)
         if instance is not None:
             stmt = stmt.where(m.instance == instance)
-        rows = await self._rows(stmt.order_by(m.at_ms).limit(limit), "read the metric snapshots")
-        return [(r.instance, int(r.at_ms), bytes(r.data)) for r in rows]
+        # The newest ``limit`` (a window too long for the limit keeps its latest hours), oldest first.
+        rows = await self._rows(stmt.order_by(m.at_ms.desc()).limit(limit), "read the metric snapshots")
+        return [(r.instance, int(r.at_ms), bytes(r.data)) for r in reversed(rows)]
 
     async def maintain(self) -> None:
         if self.dialect == "postgresql":

@@ -33,7 +33,9 @@ from scribe_events.hub import Hub
 from scribe_events.live_tasks import LiveTasks
 from scribe_events.metrics import RequestStats, make_registry
 from scribe_events.monitor import Monitor, Notify
+from scribe_events.proxies import TrustedProxies
 from scribe_events.publisher import Publisher
+from scribe_events.ratelimit import RateLimits
 from scribe_events.registry import LocalRegistry, RedisRegistry, Registry
 from scribe_events.retention import RetentionJob
 from scribe_events.runtime import Runtime
@@ -53,6 +55,7 @@ class ScribeApp:
         self.settings = settings
         self.runtime: Runtime | None = None
         self.requests = RequestStats()
+        self.proxies = TrustedProxies(settings.trusted_proxies)
         self.metrics = make_registry(lambda: self.runtime)
         self.api = FastAPI(
             title="scribe-events",
@@ -76,6 +79,8 @@ class ScribeApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "http":
+            if self.proxies and (client := self.proxies.client(scope)) is not None:
+                scope = {**scope, "client": client}  # what bans, caps and limits see
             if scope["path"] == stream.STREAM_PATH and scope["method"] == "GET" and self.runtime is not None:
                 await stream.handle(self.runtime, scope, receive, send)  # counts its own answer
                 return
@@ -188,6 +193,8 @@ class ScribeApp:
             live.start()
             registry.start()
             stack.push_async_callback(registry.close)
+            limits = RateLimits(settings, redis)
+            stack.push_async_callback(limits.close)
             retention = RetentionJob(store, settings)
             retention.start()
             stack.push_async_callback(retention.close)
@@ -200,7 +207,7 @@ class ScribeApp:
             self.runtime = Runtime(
                 settings=settings,
                 verifier=verifier,
-                admission=Admission(settings, verifier, state, control, hub),
+                admission=Admission(settings, verifier, state, control, hub, limits),
                 state=state,
                 control=control,
                 registry=registry,
@@ -238,7 +245,7 @@ class ScribeApp:
         Also the instance's one Redis command pool (None without Redis), which the broker shares."""
         if not settings.redis_url:
             return MemoryState(), LocalRegistry(hub), None
-        client = redis_client(settings.redis_url)
+        client = redis_client(settings.redis_url, settings.redis_max_connections)
         stack.push_async_callback(client.aclose)
         keys = RedisKeys(settings.redis_prefix)
         registry = RedisRegistry(

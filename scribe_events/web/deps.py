@@ -35,13 +35,13 @@ _WHY = {
     409: "an Idempotency-Key reused with another body, or still being stored",
     413: "the body is over the limit",
     422: "a field is invalid; the message starts with its name",
-    429: "too many streams or tickets (Retry-After)",
+    429: "too many streams or tickets, or past a rate limit (Retry-After)",
     431: "the request's headers are over the limit",
     503: "not ready, shutting down, a dependency unavailable or too many connections: retry (Retry-After)",
 }
 # What any request may be answered, before or beside its route: the protocol (408, 431, 503), the
-# body reader (400, 408, 413), admission (401, 403) and validation (422).
-_COMMON = (400, 401, 403, 408, 413, 422, 431, 503)
+# body reader (400, 408, 413), admission (401, 403, 429) and validation (422).
+_COMMON = (400, 401, 403, 408, 413, 422, 429, 431, 503)
 
 
 def errors(*extra: int) -> dict[int | str, dict[str, Any]]:
@@ -61,11 +61,16 @@ async def authenticate(
     """The caller, from ``Authorization: Bearer <jwt>``; banned users and addresses get 403.
     (The ``HTTPBearer`` dependency only documents the scheme; admission reads the header itself.)"""
     return await runtime_of(request).admission.caller(
-        request.headers.get("authorization"), request.client.host if request.client else None
+        request.headers.get("authorization"), client_ip(request)
     )
 
 
 Caller = Annotated[Principal, Depends(authenticate)]
+
+
+def client_ip(request: Request) -> str | None:
+    """The client's address (behind trusted proxies, the one they forwarded; see proxies.py)."""
+    return request.client.host if request.client else None
 
 
 def runtime_of(request: Request) -> Runtime:

@@ -23,7 +23,7 @@ from scribe_events.metrics import CONTENT_TYPE, render
 from scribe_events.service import dump_with_raw, request_fingerprint
 from scribe_events.vocabulary import parse_publish
 from scribe_events.web import admin, stream, tasks
-from scribe_events.web.deps import AUTH_ERRORS, Caller, UserId, bearer, errors, runtime_of
+from scribe_events.web.deps import AUTH_ERRORS, Caller, UserId, bearer, client_ip, errors, runtime_of
 
 
 class TicketOut(BaseModel):
@@ -109,6 +109,7 @@ async def open_stream(
 async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
     """A single-use ticket (30 s) for `GET /api/v1/events/stream?ticket=…`, for `EventSource`."""
     rt = runtime_of(request)
+    await rt.admission.limit("tickets", principal, client_ip(request))
     ticket = await rt.state.issue_ticket(
         principal, rt.settings.ticket_ttl_s, per_user=rt.settings.max_tickets_per_user
     )
@@ -132,6 +133,7 @@ async def publish(
     committed to the store before anyone is sent them; the answer carries their ids in order."""
     principal.require(ROLE_PUBLISHER, ROLE_ADMIN)
     rt = runtime_of(request)
+    await rt.admission.limit("publish", principal, client_ip(request))
     if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise BadRequest(
             "Idempotency-Key must be 1-200 visible ASCII characters", code="invalid_idempotency_key"
@@ -180,6 +182,7 @@ async def poll(
 ) -> Response:
     """Polling fallback: the same events, visibility and envelopes as the stream."""
     rt = runtime_of(request)
+    await rt.admission.limit("polling", principal, client_ip(request))
     body = await rt.service.poll(
         principal,
         rt.admission.session(principal, session_id),

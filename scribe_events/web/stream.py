@@ -151,6 +151,7 @@ async def _accept(
     principal = await runtime.admission.caller(
         _text(headers.get(b"authorization")), _ip(scope), ticket=query.get("ticket")
     )
+    await runtime.admission.limit("streams", principal, _ip(scope))
     session_id = runtime.admission.session(principal, query.get("session_id"))
     types = TypeFilter.parse(query.get("types"), max_globs=runtime.settings.max_type_globs)
     last_id = _text(headers.get(b"last-event-id"))

@@ -1,0 +1,149 @@
+"""Rate limits (R8.5): per user and per address, on opening streams, minting tickets, polling and
+publishing; past one, 429 ``rate_limited`` with ``Retry-After``.
+
+Counted with the ``limits`` library (the engine under slowapi; slowapi's own limiter calls its
+storage synchronously, which would block the event loop on Redis) in a sliding window, in Redis
+when configured, so a limit holds across instances, else in this process. End users are limited by
+default; a publisher is a trusted service whose default sits far above the throughput targets;
+admins have their own limit; the per-address defaults let a whole office behind one NAT in. A
+limiter that cannot reach Redis lets requests through (logged, counted): it protects the service,
+it must not take it down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from typing import Any
+
+import redis.asyncio as aioredis
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import SlidingWindowCounterRateLimiter
+
+from scribe_events.auth import Principal
+from scribe_events.config import Settings
+from scribe_events.exceptions import RateLimited
+
+log = logging.getLogger("scribe_events.ratelimit")
+
+KINDS = ("streams", "tickets", "polling", "publish")
+LOG_EVERY_S = 60.0
+
+
+def parse_limit(value: str) -> RateLimitItem | None:
+    """``"60/minute"``, ``"5 per second"``; ``""`` or ``"none"``: no limit. ValueError otherwise."""
+    if value.strip().lower() in ("", "none", "off"):
+        return None
+    try:
+        return parse(value)
+    except ValueError:
+        raise ValueError(f"not a rate limit: {value!r} (e.g. '60/minute')") from None
+
+
+class RateLimits:
+    def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
+        """``redis``: the instance's command pool, which the counts share (no pool of their own)."""
+        self.enabled = settings.rate_limits
+        storage: Storage = MemoryStorage()
+        self._own_pool = False
+        if settings.redis_url:
+            self._own_pool = redis is None
+            options: dict[str, Any] = {} if redis is None else {"connection_pool": redis.connection_pool}
+            storage = RedisStorage(
+                _storage_uri(settings.redis_url),
+                implementation="redispy",
+                key_prefix=f"{settings.redis_prefix}ratelimit",
+                **options,
+            )
+        self._storage = storage
+        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        s = settings
+        self._user = {
+            "streams": parse_limit(s.rate_limit_streams_per_user),
+            "tickets": parse_limit(s.rate_limit_tickets_per_user),
+            "polling": parse_limit(s.rate_limit_polling_per_user),
+            "publish": parse_limit(s.rate_limit_publish_per_user),
+        }
+        ip = parse_limit(s.rate_limit_per_ip)
+        self._ip = {"streams": ip, "tickets": ip, "polling": ip, "publish": None}  # publishers: per user
+        self._admin = parse_limit(s.rate_limit_admin)
+        # The auto_ban_failures-th failure in the window is the one that is not "allowed".
+        self._failures = (
+            parse(f"{s.auto_ban_failures - 1} per {s.auto_ban_window_s} second")
+            if s.auto_ban_failures > 1
+            else None
+        )
+        self.ban_on_first = s.auto_ban_failures == 1
+        self.unavailable: Counter[str] = Counter()  # checks let through because the storage failed
+        self._logged_at = -LOG_EVERY_S
+
+    async def check(self, kind: str, principal: Principal, ip: str | None) -> None:
+        """Count one request of ``kind``; 429 past the caller's limit."""
+        if not self.enabled:
+            return
+        # (who, key, limit, the setting that sets it: also the metric's reason)
+        if principal.is_admin:
+            checks = [("admin", principal.user_id, self._admin, "rate_limit_admin")]
+        else:
+            checks = [("user", principal.user_id, self._user[kind], f"rate_limit_{kind}_per_user")]
+            if ip:
+                checks.append(("ip", ip, self._ip[kind], "rate_limit_per_ip"))
+        for scope, key, item, setting in checks:
+            if item is None:
+                continue
+            try:
+                allowed = await self._limiter.hit(item, kind, scope, key)
+                if allowed:
+                    continue
+                stats = await self._limiter.get_window_stats(item, kind, scope, key)
+            except Exception as exc:  # Redis away: let it through
+                self._storage_failed(exc)
+                continue
+            retry = max(1, math.ceil(stats.reset_time - time.time()))
+            who = {"user": "this user", "ip": "this address", "admin": "this admin"}[scope]
+            raise RateLimited(
+                f"{who} made more than {item} {_what(kind)} requests; retry in {retry} s",
+                retry_after_s=retry,
+                reason=setting,
+            )
+
+    async def failed_authentication(self, ip: str) -> bool:
+        """Count one failed authentication from ``ip``; True once it has earned a ban."""
+        if self.ban_on_first:
+            return True
+        if self._failures is None:
+            return False
+        try:
+            return not await self._limiter.hit(self._failures, "auth-failures", ip)
+        except Exception as exc:
+            self._storage_failed(exc)
+            return False
+
+    async def close(self) -> None:
+        """Close the Redis connections the limiter opened itself (none in memory or when shared)."""
+        client = getattr(getattr(self._storage, "bridge", None), "storage", None)
+        if client is not None and self._own_pool:
+            await client.aclose()
+
+    def _storage_failed(self, exc: Exception) -> None:
+        self.unavailable[type(exc).__name__] += 1
+        now = time.monotonic()
+        if now - self._logged_at >= LOG_EVERY_S:
+            self._logged_at = now
+            log.error(
+                "rate limits cannot be counted (%s: %s); letting requests through", type(exc).__name__, exc
+            )
+
+
+def _storage_uri(redis_url: str) -> str:
+    """limits' name for a redis-py URL (``unix://`` would otherwise be taken for Valkey)."""
+    if redis_url.startswith("unix://"):
+        return "async+redis+unix://" + redis_url.removeprefix("unix://")
+    return "async+" + redis_url
+
+
+def _what(kind: str) -> str:
+    return {"streams": "stream", "tickets": "ticket", "polling": "polling", "publish": "publish"}[kind]
