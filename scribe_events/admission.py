@@ -65,8 +65,8 @@ class Admission:
 
     async def _failed(self, ip: str) -> None:
         """One more failed authentication from ``ip``: past auto_ban_failures it is banned."""
-        if self.settings.auto_ban_failures == 0 or ip in self.never_ban:
-            return
+        if self.settings.auto_ban_failures == 0 or ip in self.never_ban or self.control.banned(ip=ip):
+            return  # off, a proxy, or banned already (counting on would only ban it again)
         if not await self.limits.failed_authentication(ip):
             return
         s = self.settings

@@ -127,6 +127,19 @@ class Settings(BaseSettings):
     # ["127.0.0.1", "10.0.0.0/8"]); from any other peer those headers are ignored.
     trusted_proxies: list[str] = Field(default_factory=list, max_length=1000)
 
+    # Adaptive load (R8.6): past adaptive_busy_lag_s of event-loop lag (or with a twentieth of the
+    # streams queued) the progress throttle and coalescing windows double and store batches may
+    # double; past adaptive_overload_lag_s (or a fifth queued) x5 and x4; back once the load drops.
+    adaptive_load: bool = True
+    adaptive_busy_lag_s: float = Field(0.1, gt=0)
+    adaptive_overload_lag_s: float = Field(0.5, gt=0)
+
+    # Restarts (SIGTERM): every open stream is told to come back after a random delay within
+    # drain_window_s (its retry:, and a connection.closing event), then ended; the process exits
+    # once its connections are gone, or after drain_deadline_s.
+    drain_window_s: float = Field(10.0, ge=0, le=3600)
+    drain_deadline_s: float = Field(30.0, ge=1, le=3600)
+
     # Tasks (R3, R4.6). A task's progress updates reach a client at most once per
     # progress_throttle_s (a burst coalesces to its latest value); a task silent for
     # task_heartbeat_s gets a task.progress-heartbeat, with stalled: true once silent for

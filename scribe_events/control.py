@@ -94,6 +94,10 @@ class Control:
         now = int(time.time() * 1000)
         return [b for b in self.bans.values() if b.active(now)]
 
+    def banned(self, *, ip: str) -> bool:
+        ban = self.bans.get(f"ip:{ip}")
+        return ban is not None and ban.active(int(time.time() * 1000))
+
     def check(self, principal: Principal | None, remote: str | None) -> None:
         """Refuse a banned user or address (403 ``banned``). Admins pass, so a ban can always be lifted."""
         if not self.bans or (principal is not None and principal.is_admin):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -34,6 +35,8 @@ EMPTY: frozenset[Connection] = frozenset()
 MAX_PENDING = 10_000
 # Sent at once even to a stream that is still replaying (without an id: line, see Delivery).
 URGENT_TYPE = "system.error"
+# The last frame of a stream the server ends to restart: when to come back (see Hub.close).
+CLOSING_TYPE = "connection.closing"
 
 
 class Sink(Protocol):
@@ -452,12 +455,20 @@ class Hub:
             conn.sink.close()
         self.remove(conn, reason)
 
-    async def close(self) -> None:
-        """Graceful end: stop the heartbeat, finish every stream's chunked body, close the sockets."""
+    async def close(self, spread_ms: int = 0) -> None:
+        """Graceful end: stop the heartbeat, tell every stream when to come back, finish its chunked
+        body, close the socket. With ``spread_ms`` each stream is told a random delay in
+        ``[0, spread_ms]`` (``retry:`` and a ``connection.closing`` event), so their clients come
+        back spread over that window instead of all at once."""
         self.closing = True
         await cancel(self._heartbeat)
         self._heartbeat = None
         for conn in list(self.connections.values()):
+            after = random.randint(0, spread_ms) if spread_ms > 0 else 0
+            if spread_ms > 0:
+                notice = dumps({"reason": "shutdown", "reconnect_after_ms": after})
+                with contextlib.suppress(Exception):
+                    conn.write(sse.chunk(sse.frame(notice, event=CLOSING_TYPE, retry=after)))
             self.end(conn, "shutdown")
 
 

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from scribe_events.adaptive import AdaptiveLoad
 from scribe_events.config import Settings
 from scribe_events.exceptions import ScribeEventsError
 from scribe_events.history import History
@@ -68,7 +69,9 @@ class Monitor:
         registry: CollectorRegistry,
         history: History,
         notify: Notify | None = None,
+        adaptive: AdaptiveLoad | None = None,
     ) -> None:
+        self.adaptive = adaptive
         self.settings = settings
         self.hub = hub
         self.registry = registry
@@ -118,6 +121,8 @@ class Monitor:
             lag = loop.time() - start - PROBE_S
             if lag > self._lag_now:
                 self._lag_now = lag
+            if self.adaptive is not None:
+                self.adaptive.observe(lag)
 
     async def _tick_forever(self) -> None:
         interval = self.settings.history_interval_s
@@ -257,3 +262,24 @@ class Monitor:
         yield exceeded
         yield limits
         yield crossed
+        if self.adaptive is not None:
+            a = self.adaptive
+            yield gauge("scribe_events_load_level", "Adaptive load: 0 normal, 1 busy, 2 overloaded.", a.level)
+            changes = CounterMetricFamily(
+                "scribe_events_load_level_changes", "Adaptive load level changes.", labels=["instance"]
+            )
+            changes.add_metric(instance, a.changes)
+            yield changes
+            yield gauge(
+                "scribe_events_progress_throttle_seconds",
+                "The progress throttle in force.",
+                a.live.throttle_s,
+            )
+            yield gauge(
+                "scribe_events_coalesce_window_seconds", "The coalescing window in force.", a.live.coalesce_s
+            )
+            yield gauge(
+                "scribe_events_store_batch_max_events",
+                "The largest store batch in force.",
+                a.publisher.batch_max,
+            )

@@ -33,7 +33,9 @@ class Server(uvicorn.Server):
         runtime = self.scribe_app.runtime
         if runtime is not None:
             runtime.live.flush_all()  # what is held for throttling or coalescing goes out first
-            await runtime.hub.close()
+            # Readiness answers 503 and new streams are refused from here; the open ones are told to
+            # come back spread over drain_window_s (elsewhere, behind a load balancer).
+            await runtime.hub.close(spread_ms=int(runtime.settings.drain_window_s * 1000))
         await super().shutdown(sockets=sockets)
 
 
@@ -67,7 +69,7 @@ def build_server(settings: Settings, **overrides: Any) -> Server:
         log_level=settings.log_level,
         log_config=log_config(settings.log_level),
         access_log=settings.access_log,
-        timeout_graceful_shutdown=GRACEFUL_TIMEOUT_S,
+        timeout_graceful_shutdown=max(GRACEFUL_TIMEOUT_S, int(settings.drain_deadline_s)),
         proxy_headers=False,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         **options,

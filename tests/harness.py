@@ -68,6 +68,12 @@ class ThreadServer:
             "log_level": "warning",
             "instance_id": "test-instance",
             "gc_freeze": False,  # gc.freeze() is for a server process, not for the test runner's
+            # The configured windows exactly (a busy test machine's lag must not widen them);
+            # tests/test_adaptive.py switches it on.
+            "adaptive_load": False,
+            # Tests send forged tokens from 127.0.0.1 on purpose; tests/test_ratelimit.py switches
+            # automatic bans on (and so do server processes, unless a test says otherwise).
+            "auto_ban_failures": 0,
         }
         values.update(self.overrides)
         return IsolatedSettings(**values)

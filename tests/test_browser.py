@@ -480,3 +480,28 @@ def test_browser_a_tab_that_saw_nothing_takes_over_without_missing_events(
     second.wait_for_function("window.got.length >= 1", timeout=5000)
     assert _got_ids(second) == gap
     context.close()
+
+
+def test_browser_comes_back_when_a_restarting_server_says(browser: Any, make_server: MakeServer) -> None:
+    """A server that stops tells each stream when to come back (spread over drain_window_s): the
+    client waits that long, as a planned restart (not a failure, no growing backoff), then resumes
+    on whichever instance now answers."""
+    first = make_server("a.db", drain_window_s=1.5, **FAST)
+    second = make_server("b.db", **FAST)
+    proxy = FlakyProxy(first.port)
+    try:
+        context = browser.new_context()
+        page = _open_page(context, proxy.url, first.token("alice"))
+        _wait_status(page, "open")
+        proxy.target = second.port  # the load balancer's next choice
+        started = time.monotonic()
+        first.stop()
+        page.wait_for_function("window.retries.length >= 1", timeout=5_000)
+        [retry] = page.evaluate("window.retries")
+        assert retry["attempt"] == 0 and 0 <= retry["delay_ms"] <= 1500, retry
+        _wait_status(page, "open", timeout_ms=5_000)
+        assert time.monotonic() - started >= retry["delay_ms"] / 1000 - 0.05  # not before it was told
+        assert page.evaluate("window.statuses").count("reconnecting") == 1
+        context.close()
+    finally:
+        proxy.close()

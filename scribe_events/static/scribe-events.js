@@ -261,6 +261,11 @@ export class ScribeEvents {
       this._setStatus("open");
     });
     es.addEventListener("heartbeat", () => this._alive());
+    // The server restarts: it says when to come back (spread, so its clients do not all return at once).
+    es.addEventListener("connection.closing", (m) => {
+      const after = safeJson(m.data)?.reconnect_after_ms;
+      if (Number.isFinite(after) && after >= 0) this._comeBackAfter = Math.min(after, 3600 * 1000);
+    });
     es.addEventListener("replay.truncated", (m) => {
       this._alive();
       this._emit("replay.truncated", safeJson(m.data));
@@ -302,6 +307,17 @@ export class ScribeEvents {
 
   _failed() {
     if (this._closed || !this.leader) return;
+    if (this._comeBackAfter != null) {
+      // A planned restart, not a failure: come back when the server said, once.
+      const delay = this._comeBackAfter;
+      this._comeBackAfter = null;
+      this._setStatus("reconnecting");
+      this.lastDelayMs = delay;
+      for (const h of this._handlers.get("retry") || []) safeCall(h, { attempt: 0, delay_ms: Math.round(delay), status: this.status });
+      this._clear(this._retryTimer);
+      this._retryTimer = this._later(() => this._connect(), delay);
+      return;
+    }
     this._failures += 1;
     const rc = this.config.reconnect;
     if (this._failures > rc.max_retries && this.status !== "polling") this._startPolling();

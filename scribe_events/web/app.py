@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from scribe_events import __version__
+from scribe_events.adaptive import AdaptiveLoad
 from scribe_events.admission import Admission
 from scribe_events.auth import TokenVerifier
 from scribe_events.broker import make_broker
@@ -203,7 +204,8 @@ class ScribeApp:
                 if redis is not None
                 else StoreHistory(store, settings.history_keep_s)
             )
-            monitor = Monitor(settings, hub, self.metrics, history, _notifier(settings, publisher))
+            adaptive = AdaptiveLoad(settings, hub, live, publisher)
+            monitor = Monitor(settings, hub, self.metrics, history, _notifier(settings, publisher), adaptive)
             self.runtime = Runtime(
                 settings=settings,
                 verifier=verifier,

@@ -219,11 +219,15 @@ async def health(request: Request) -> dict[str, Any]:
 
 @router.get("/health/ready", tags=["operations"], responses={503: {"description": "a dependency is down"}})
 async def health_ready(request: Request) -> JSONResponse:
-    """Readiness: 503 when the store (or, when configured, Redis) is down. Also says whether the
+    """Readiness: 503 when the store (or, when configured, Redis) is down, or while the instance
+    drains for a restart (`"draining": true`). Also says whether the
     metric history can be kept, which thresholds are exceeded, and the event loop's lag."""
     rt = runtime_of(request)
     deps = {"store": await rt.store.ping(), "broker": await rt.broker.ready()}
     body = _health(request, deps)
+    if rt.hub.closing:  # draining for a restart: send new streams elsewhere
+        body["status"] = "unavailable"
+        body["draining"] = True
     # Not a reason to refuse traffic: the report's history (Redis or the store) and the thresholds.
     body["dependencies"]["history"] = "ok" if rt.monitor.history_ok else "down"
     body["thresholds_exceeded"] = sorted(k for k, over in rt.monitor.exceeded.items() if over)
