@@ -46,7 +46,7 @@ def _serve(folder: Path, port: int, window_s: float) -> subprocess.Popen[bytes]:
         "SCRIBE_EVENTS_ACCESS_LOG": "false",
         "SCRIBE_EVENTS_LOG_LEVEL": "warning",
         "SCRIBE_EVENTS_DRAIN_WINDOW_S": str(window_s),
-        "SCRIBE_EVENTS_RATE_LIMIT_PER_IP": "none",  # every client comes from 127.0.0.1
+        "SCRIBE_EVENTS_RATE_LIMIT_STREAMS_PER_IP": "none",  # every client comes from 127.0.0.1
     }
     folder.mkdir()
     proc = subprocess.Popen([str(ROOT / ".venv/bin/scribe-events"), "serve"], cwd=folder, env=env)

@@ -96,7 +96,7 @@ async def main(adaptive: bool, seconds: float, streams: int, publishers: int) ->
             "SCRIBE_EVENTS_ACCESS_LOG": "false",
             "SCRIBE_EVENTS_LOG_LEVEL": "warning",
             "SCRIBE_EVENTS_ADAPTIVE_LOAD": "true" if adaptive else "false",
-            "SCRIBE_EVENTS_RATE_LIMIT_PER_IP": "none",
+            "SCRIBE_EVENTS_RATE_LIMIT_STREAMS_PER_IP": "none",
         }
         pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
         proc = subprocess.Popen([*pin, str(ROOT / ".venv/bin/scribe-events"), "serve"], cwd=tmp, env=env)

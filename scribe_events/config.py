@@ -112,7 +112,10 @@ class Settings(BaseSettings):
     rate_limit_tickets_per_user: str = "240/minute"
     rate_limit_polling_per_user: str = "240/minute"
     rate_limit_publish_per_user: str = "1200000/minute"
-    rate_limit_per_ip: str = "60000/minute"
+    rate_limit_streams_per_ip: str = "30000/minute"
+    rate_limit_tickets_per_ip: str = "60000/minute"
+    rate_limit_polling_per_ip: str = "60000/minute"
+    rate_limit_publish_per_ip: str = "1200000/minute"
     rate_limit_admin: str = "12000/minute"
 
     # Automatic bans: the auto_ban_failures-th failed authentication (a forged, malformed or badly
@@ -201,7 +204,10 @@ class Settings(BaseSettings):
         "rate_limit_tickets_per_user",
         "rate_limit_polling_per_user",
         "rate_limit_publish_per_user",
-        "rate_limit_per_ip",
+        "rate_limit_streams_per_ip",
+        "rate_limit_tickets_per_ip",
+        "rate_limit_polling_per_ip",
+        "rate_limit_publish_per_ip",
         "rate_limit_admin",
     )
     @classmethod

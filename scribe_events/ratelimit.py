@@ -67,8 +67,12 @@ class RateLimits:
             "polling": parse_limit(s.rate_limit_polling_per_user),
             "publish": parse_limit(s.rate_limit_publish_per_user),
         }
-        ip = parse_limit(s.rate_limit_per_ip)
-        self._ip = {"streams": ip, "tickets": ip, "polling": ip, "publish": None}  # publishers: per user
+        self._ip = {
+            "streams": parse_limit(s.rate_limit_streams_per_ip),
+            "tickets": parse_limit(s.rate_limit_tickets_per_ip),
+            "polling": parse_limit(s.rate_limit_polling_per_ip),
+            "publish": parse_limit(s.rate_limit_publish_per_ip),
+        }
         self._admin = parse_limit(s.rate_limit_admin)
         # The auto_ban_failures-th failure in the window is the one that is not "allowed".
         self._failures = (
@@ -90,7 +94,7 @@ class RateLimits:
         else:
             checks = [("user", principal.user_id, self._user[kind], f"rate_limit_{kind}_per_user")]
             if ip:
-                checks.append(("ip", ip, self._ip[kind], "rate_limit_per_ip"))
+                checks.append(("ip", ip, self._ip[kind], f"rate_limit_{kind}_per_ip"))
         for scope, key, item, setting in checks:
             if item is None:
                 continue

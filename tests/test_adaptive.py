@@ -16,6 +16,7 @@ from scribe_events.publisher import Publisher
 from tests.conftest import MakeServer
 from tests.test_hub import FakeSink
 from tests.test_metrics import Recorded, value
+from tests.test_tasks import _started, _update
 
 
 def _parts(**settings: object) -> tuple[AdaptiveLoad, Hub, LiveTasks, Publisher]:
@@ -83,16 +84,9 @@ def test_a_lagging_server_widens_its_throttle_logs_it_and_shows_it(make_server: 
         # Updates of a task now reach a client at most every 5 s, still ending in the latest value.
         with server.stream("alice") as s:
             s.read_count(1, event="connection.established")
-            start = {
-                "type": "task.progress-started",
-                "task_id": "t",
-                "data": {"task_id": "t", "owner": "alice"},
-            }
-            server.publish_ok(start)
+            server.publish_ok(_started("t", "alice"))
             for p in range(1, 6):
-                server.publish_ok(
-                    {"type": "task.progress-updated", "task_id": "t", "data": {"task_id": "t", "progress": p}}
-                )
+                server.publish_ok(_update("t", p))
                 time.sleep(0.3)  # 1.5 s in all: past the 1 s setting, inside the widened 5 s
             server.publish_ok({"type": "task.progress-completed", "task_id": "t", "data": {"task_id": "t"}})
             s.read_count(1, event="task.progress-completed", timeout=5)

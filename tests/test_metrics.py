@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from scribe_events.metrics import Histogram, parse_key, quantile, sample_key
 from tests.conftest import MakeServer
 from tests.harness import RawStream, ThreadServer, wait_for
+from tests.test_tasks import _started, _update
 
 STREAM = "/api/v1/events/stream"
 
@@ -134,16 +135,9 @@ def test_throttled_coalesced_and_heartbeats(make_server: MakeServer) -> None:
     before = scrape(server)
     with server.stream("alice") as s:
         s.read_count(1, event="connection.established")
-        start = {
-            "type": "task.progress-started",
-            "task_id": "t1",
-            "data": {"task_id": "t1", "owner": "alice"},
-        }
-        server.publish_ok(start)
+        server.publish_ok(_started("t1", "alice"))
         for p in range(1, 11):
-            server.publish_ok(
-                {"type": "task.progress-updated", "task_id": "t1", "data": {"task_id": "t1", "progress": p}}
-            )
+            server.publish_ok(_update("t1", p))
         chapters = [
             {
                 "type": "content.chapter-updated",

@@ -60,16 +60,17 @@ def test_tickets_and_polling_are_limited_per_user(make_server: MakeServer, kind:
 
 
 def test_an_address_is_limited_across_its_users(make_server: MakeServer) -> None:
-    server = make_server(rate_limit_per_ip="4/minute")
+    server = make_server(rate_limit_polling_per_ip="4/minute")
     statuses = [_poll(server, f"user{i}").status_code for i in range(5)]
     assert statuses == [200, 200, 200, 200, 429]
-    assert value(server, 'scribe_events_requests_rate_limited_total{limit="rate_limit_per_ip"}') == 1
+    assert value(server, 'scribe_events_requests_rate_limited_total{limit="rate_limit_polling_per_ip"}') == 1
 
 
 def test_publishers_and_admins_have_their_own_limits(make_server: MakeServer) -> None:
     server = make_server(
         rate_limit_publish_per_user="3/minute",
-        rate_limit_per_ip="2/minute",  # not applied to publishing, nor to admins
+        rate_limit_streams_per_ip="2/minute",  # not applied to admins
+        rate_limit_publish_per_ip="5/minute",  # above the publisher's own
         rate_limit_streams_per_user="1/minute",
         rate_limit_admin="4/minute",
     )
@@ -173,3 +174,15 @@ def test_expired_tokens_and_the_proxy_itself_are_not_banned(make_server: MakeSer
         assert _bad_token_poll(server) == 401
     assert value(server, "scribe_events_auto_bans_total") == 0
     assert httpx.get(server.url + "/api/v1/events", headers=_bearer(server, "bob")).status_code == 200
+
+
+def test_publishing_is_limited_per_address_too(make_server: MakeServer) -> None:
+    server = make_server(rate_limit_publish_per_ip="2/minute")
+    other = {"Authorization": f"Bearer {server.token('worker-2', roles=['publisher'])}"}
+    body = {"type": "custom.x", "user_id": "u"}
+    assert server.publish(body).status_code == 202
+    assert server.publish(body, headers=other).status_code == 202  # another publisher, same address
+    refused = server.publish(body)
+    _refused(refused.status_code, dict(refused.headers), refused.json())
+    limited = 'scribe_events_requests_rate_limited_total{limit="rate_limit_publish_per_ip"}'
+    assert value(server, limited) == 1
