@@ -698,7 +698,9 @@ def overview_rows(report: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     def worst(name: str) -> Any:
         def shown(s: Mapping[str, Any]) -> str:
             h = s["latency"][name]
-            return f"> {fmt_seconds(10.0)}" if h["over_last_bucket"] else f"≤ {fmt_seconds(h['max_le'])}"
+            if h["over_last_bucket"]:
+                return f"> {fmt_seconds(10.0)}"
+            return "-" if h["max_le"] is None else f"≤ {fmt_seconds(h['max_le'])}"
 
         return shown
 
