@@ -19,7 +19,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from scribe_events import sse
@@ -55,6 +55,9 @@ class Connection:
     __slots__ = (
         "backlog",
         "backlog_from",
+        "batch",
+        "batch_from",
+        "batch_room",
         "buffer_size",
         "closed_reason",
         "connected_at",
@@ -106,6 +109,11 @@ class Connection:
         self.live_from = 0
         # While the socket has a backlog: the last stored event written before it began (-1: none).
         self.backlog_from = -1
+        # During one dispatch of several events: this connection's chunks, written as one at its end
+        # (one write per connection per batch), and its last stored event before the batch.
+        self.batch: list[bytes] | None = None
+        self.batch_from = 0
+        self.batch_room = 0  # bytes the batch may still take before the high-water mark
         self.connected_at = time.time()
         self.remote = remote
         self.user_agent = user_agent
@@ -227,8 +235,11 @@ class Hub:
 
     # -- the hot path ----------------------------------------------------------------------------
 
-    def dispatch(self, deliveries: Iterable[Delivery]) -> None:
+    def dispatch(self, deliveries: Sequence[Delivery]) -> None:
         """Write each delivery to every local connection that should receive it.
+
+        A batch of several events is written with one write per connection (its chunks joined),
+        a lone event straight away: the socket write is most of what delivery costs.
 
         Never raises for one connection's sake: whatever goes wrong with one (a write error, a
         full buffer, a bug) is noted and that connection is cut *after* the loop, so the indexes
@@ -239,6 +250,8 @@ class Hub:
         delivered = 0
         by_family = self.delivered_by
         now = 0
+        coalesce = len(deliveries) > 1
+        touched: list[Connection] = []
         for d in deliveries:
             if d.broadcast:
                 targets: Iterable[Connection] = self.connections.values()
@@ -274,14 +287,22 @@ class Hub:
                             troubled = troubled or []
                             troubled.append((c, problem))
                         continue
-                    c.write(chunk)
-                    if c.buffer_size():
-                        if c.backlog_from < 0:
-                            c.backlog_from = c.last_seq
-                        if c.buffer_size() > limit:
-                            c.backlog = Backlog()  # what comes next waits until the socket drains
-                    elif c.backlog_from >= 0:
-                        c.backlog_from = -1
+                    batch = c.batch
+                    if batch is not None:
+                        batch.append(chunk)
+                        c.batch_room -= len(chunk)
+                        if c.batch_room < 0:  # past the high-water mark: out now, as a lone one would
+                            c.batch = None
+                            c.write(b"".join(batch))
+                            self._after_write(c, c.batch_from, limit)
+                    elif coalesce and (room := limit - c.buffer_size() - len(chunk)) >= 0:
+                        c.batch = [chunk]
+                        c.batch_from = c.last_seq
+                        c.batch_room = room
+                        touched.append(c)
+                    else:
+                        c.write(chunk)
+                        self._after_write(c, c.last_seq, limit)
                     if seq is not None:
                         c.last_seq = seq
                 except Exception:  # a transport that is already closing, or worse
@@ -297,9 +318,30 @@ class Hub:
                     self.latency.observe(max(0, now - d.time_ms) / 1000)
             if seq is not None and seq > self.last_seq:
                 self.last_seq = seq
+        for c in touched:  # the batch's chunks, one write per connection
+            chunks, c.batch = c.batch, None
+            if chunks is None:
+                continue  # written already (it reached the high-water mark)
+            try:
+                c.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                self._after_write(c, c.batch_from, limit)
+            except Exception:
+                troubled = troubled or []
+                troubled.append((c, "write_error"))
         self.delivered += delivered
         if troubled:
             self._cut_all(troubled)
+
+    @staticmethod
+    def _after_write(c: Connection, written_before: int, limit: int) -> None:
+        """After a write: note where a backlog would begin, and start one past the high-water mark."""
+        if c.buffer_size():
+            if c.backlog_from < 0:
+                c.backlog_from = written_before
+            if c.buffer_size() > limit:
+                c.backlog = Backlog()  # what comes next waits until the socket drains
+        elif c.backlog_from >= 0:
+            c.backlog_from = -1
 
     def _hold(self, conn: Connection, d: Delivery) -> str | None:
         """Queue a delivery for a connection whose socket is full; why it must be cut, or None."""

@@ -136,9 +136,10 @@ def test_hub_backlog_holds_what_a_full_socket_cannot_take_and_drains_it_in_order
     hub.add(conn)
     hub.dispatch([_delivery(n) for n in range(1, 6)])  # 5 KB: past the high-water mark
     assert conn.backlog is not None
-    written = len(sink.received)
+    written = len(_ids_of(sink.received))
+    assert written == 4  # up to the one that crossed the mark, as lone writes would: the rest wait
     hub.dispatch([_delivery(n) for n in range(6, 21)])
-    assert len(sink.received) == written and len(conn.backlog) == 20 - written  # held, not cut
+    assert len(_ids_of(sink.received)) == written and len(conn.backlog) == 20 - written  # held, not cut
     hub.dispatch([_delivery(12)])  # a duplicate of a held one is still skipped
     _drain_all(hub, conn, sink)
     assert _ids_of(sink.received) == [str(n) for n in range(1, 21)]
@@ -228,7 +229,7 @@ def test_hub_drain_fills_the_socket_just_past_its_mark_and_counts_what_it_wrote(
     conn = Connection("c1", "u", None, sink)
     hub.add(conn)
     hub.dispatch([_delivery(n) for n in range(1, 21)])
-    direct = len(sink.received)
+    direct = len(_ids_of(sink.received))
     assert hub.delivered == direct
     sink.drain()
     hub.drain(conn)
@@ -424,3 +425,17 @@ def test_hub_forgets_a_closed_connection_in_every_index() -> None:
     hub.remove(b, "client_closed")  # idempotent: counts never go below zero
     assert (hub.count_user("alice"), hub.count_ip("10.0.0.1"), len(hub)) == (0, 0, 0)
     assert hub._per_ip == {} and hub._by_session == {} and hub._by_user == {}
+
+
+def test_hub_writes_a_batch_once_per_connection_in_order() -> None:
+    hub = Hub(instance="i", heartbeat_s=30, max_buffer=64 * 1024)
+    sinks = [FakeSink() for _ in range(3)]
+    for n, sink in enumerate(sinks):
+        sink.accepts = True
+        hub.add(Connection(f"c{n}", "u", None, sink))
+    hub.dispatch([_delivery(n, size=100) for n in range(1, 4)])
+    for sink in sinks:
+        assert len(sink.received) == 1 and _ids_of(sink.received) == ["1", "2", "3"]  # one write each
+    hub.dispatch([_delivery(4, size=100)])  # a lone event: straight out
+    assert all(len(s.received) == 2 and _ids_of(s.received[-1:]) == ["4"] for s in sinks)
+    assert hub.delivered == 12 and all(c.batch is None for c in hub.connections.values())
