@@ -213,6 +213,38 @@ def _rate_limits(f: Facts) -> list[Advice]:
     return out
 
 
+RATE_SETTINGS = (
+    *(
+        f"rate_limit_{kind}_per_{who}"
+        for kind in ("streams", "tickets", "polling", "publish")
+        for who in ("user", "ip")
+    ),
+    "rate_limit_admin",
+)
+
+
+def _rate_limit_rates(f: Facts) -> list[Advice]:
+    """429s from a rate limit (the `limit` label is the setting's name): twice the rate."""
+    out = []
+    for limit, n in f.total["problems"]["rate_limited"].items():
+        if limit not in RATE_SETTINGS or n < RATE_LIMITED_MIN:
+            continue
+        cur = str(f.current(limit))
+        amount, sep, per = cur.partition("/")
+        if not (sep and amount.strip().isdigit()):
+            continue  # "none", or a form this rule does not rewrite
+        out.append(
+            Advice(
+                limit,
+                cur,
+                f"{int(amount) * 2}/{per.strip()}",
+                f"{fmt_count(n)} requests were refused 429 by {limit} ({cur}); if they were honest "
+                "clients (many behind one address, a busy publisher), allow twice as many.",
+            )
+        )
+    return out
+
+
 def _publish_queue(f: Facts) -> list[Advice]:
     """From the reasons of the 503s: a full queue (events) or a queue of too many bytes."""
     refused = f.total["problems"]["unavailable"]
@@ -312,6 +344,7 @@ RULES: tuple[Rule, ...] = (
     Rule("loop_lag", ("max_connections",), _loop_lag),
     Rule("connections", ("max_connections", "alert_connections"), _connections),
     Rule("rate_limits", tuple(LIMITS.values()), _rate_limits),
+    Rule("rate_limit_rates", RATE_SETTINGS, _rate_limit_rates),
     Rule("publish_queue", ("publish_queue", "publish_queue_bytes"), _publish_queue),
     Rule("failed_per_user", ("max_failed_per_user",), _failed_per_user),
     Rule("token_expiry", ("end_stream_at_token_expiry",), _token_expiry),

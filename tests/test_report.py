@@ -477,6 +477,20 @@ CASES: list[tuple[str, list[Step], dict[str, Any], dict[str, Any], set[str]]] = 
         {},
         set(),
     ),
+    (
+        "past a rate limit",
+        [_count("requests_rate_limited", 1, limit="rate_limit_polling_per_ip")],
+        {},
+        {},
+        {"rate_limit_polling_per_ip"},
+    ),
+    (
+        "rarely past a rate limit",
+        [lambda f, i: f.count("requests_rate_limited", i == 3, limit="rate_limit_polling_per_ip")],
+        {},
+        {},
+        set(),
+    ),
     ("503 for a full publish queue", [_unavailable("publish_queue", queued=9000)], {}, {}, {"publish_queue"}),
     ("503 for too many queued bytes", [_unavailable("publish_queue_bytes")], {}, {}, {"publish_queue_bytes"}),
     (
@@ -588,6 +602,13 @@ def test_report_advice_rule_triggers_on_its_numbers_only(
         assert re.search(r"\d", a["why"]), "the why gives the numbers that triggered it"
     if not expected:
         assert report["verdict"].startswith(("All well", "No setting to change"))
+
+
+def test_report_advice_doubles_a_rate_limit() -> None:
+    report = build(healthy, _count("requests_rate_limited", 1, limit="rate_limit_streams_per_user"))
+    [advice] = report["advice"]
+    assert (advice["current"], advice["suggested"]) == ("120/minute", "240/minute")
+    assert advice["env"] == "SCRIBE_EVENTS_RATE_LIMIT_STREAMS_PER_USER"
 
 
 def test_report_advice_numbers() -> None:
