@@ -28,6 +28,7 @@ from types import TracebackType
 
 import asyncpg
 import httpx
+import redis
 
 from scribe_events.auth import mint_token
 
@@ -165,6 +166,11 @@ class Cluster:
                     proc.kill()
         with contextlib.suppress(OSError, asyncpg.PostgresError):
             asyncio.run(_pg(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+        with contextlib.suppress(redis.RedisError, OSError):
+            client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+            for key in client.scan_iter(match=self.prefix + "*"):
+                client.delete(key)
+            client.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
     @staticmethod

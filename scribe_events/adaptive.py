@@ -74,6 +74,7 @@ class AdaptiveLoad:
         throttle, coalesce, batch = self.base
         self.live.throttle_s = throttle * WINDOW_FACTOR[level]  # 0 (off) stays off
         self.live.coalesce_s = coalesce * WINDOW_FACTOR[level]
+        self.live.widest_coalesce_s = max(self.live.widest_coalesce_s, self.live.coalesce_s)
         self.publisher.batch_max = batch * BATCH_FACTOR[level]
         was, self.level = self.level, level
         self.changes += 1

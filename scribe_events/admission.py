@@ -37,6 +37,7 @@ class Admission:
     ) -> None:
         self.limits = limits or RateLimits(settings)
         self.auto_bans = 0
+        self._banning: set[str] = set()
         # A proxy's own address is never banned automatically: it would shut out everyone behind it.
         self.never_ban = TrustedProxies(settings.trusted_proxies)
         self.settings = settings
@@ -67,8 +68,15 @@ class Admission:
         """One more failed authentication from ``ip``: past auto_ban_failures it is banned."""
         if self.settings.auto_ban_failures == 0 or ip in self.never_ban or self.control.banned(ip=ip):
             return  # off, a proxy, or banned already (counting on would only ban it again)
-        if not await self.limits.failed_authentication(ip):
+        if not await self.limits.failed_authentication(ip) or ip in self._banning:
             return
+        self._banning.add(ip)  # concurrent failures of one address make one ban
+        try:
+            await self._ban(ip)
+        finally:
+            self._banning.discard(ip)
+
+    async def _ban(self, ip: str) -> None:
         s = self.settings
         reason = f"automatic: {s.auto_ban_failures} failed authentications within {s.auto_ban_window_s} s"
         try:

@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     # Proxies whose Forwarded / X-Forwarded-For headers are believed (addresses or CIDR blocks, e.g.
     # ["127.0.0.1", "10.0.0.0/8"]); from any other peer those headers are ignored.
     trusted_proxies: list[str] = Field(default_factory=list, max_length=1000)
+    # The one header those proxies write (the other is never believed: a client could send it).
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
 
     # Adaptive load (R8.6): past adaptive_busy_lag_s of event-loop lag (or with a twentieth of the
     # streams queued) the progress throttle and coalescing windows double and store batches may

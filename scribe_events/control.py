@@ -79,7 +79,12 @@ class Control:
 
     async def ban(self, target: str, reason: str, ttl_s: int | None) -> Ban:
         ban = Ban(target, reason, None if ttl_s is None else int((time.time() + ttl_s) * 1000))
-        await self.state.save_ban(ban)
+        self.bans[target] = ban  # in force here at once (the control message tells the others)
+        try:
+            await self.state.save_ban(ban)
+        except BaseException:
+            self.bans.pop(target, None)
+            raise
         await self.broker.publish_control(
             {"kind": "ban", "target": ban.target, "reason": ban.reason, "until_ms": ban.until_ms}
         )

@@ -247,11 +247,23 @@ class Hub:
         """
         limit = self.max_buffer
         troubled: list[tuple[Connection, str]] | None = None
+        coalesce = len(deliveries) > 1
+        touched: list[Connection] = []
+        try:
+            troubled = self._deliver(deliveries, coalesce, touched, limit)
+        finally:
+            troubled = self._flush_batches(touched, limit, troubled)
+        if troubled:
+            self._cut_all(troubled)
+
+    def _deliver(
+        self, deliveries: Sequence[Delivery], coalesce: bool, touched: list[Connection], limit: int
+    ) -> list[tuple[Connection, str]] | None:
+        """dispatch's loop; the connections it batched for are in ``touched``."""
+        troubled: list[tuple[Connection, str]] | None = None
         delivered = 0
         by_family = self.delivered_by
         now = 0
-        coalesce = len(deliveries) > 1
-        touched: list[Connection] = []
         for d in deliveries:
             if d.broadcast:
                 targets: Iterable[Connection] = self.connections.values()
@@ -318,7 +330,14 @@ class Hub:
                     self.latency.observe(max(0, now - d.time_ms) / 1000)
             if seq is not None and seq > self.last_seq:
                 self.last_seq = seq
-        for c in touched:  # the batch's chunks, one write per connection
+        self.delivered += delivered
+        return troubled
+
+    def _flush_batches(
+        self, touched: list[Connection], limit: int, troubled: list[tuple[Connection, str]] | None
+    ) -> list[tuple[Connection, str]] | None:
+        """The batch's chunks, one write per connection (also when the loop failed half-way)."""
+        for c in touched:
             chunks, c.batch = c.batch, None
             if chunks is None:
                 continue  # written already (it reached the high-water mark)
@@ -326,11 +345,11 @@ class Hub:
                 c.write(chunks[0] if len(chunks) == 1 else b"".join(chunks))
                 self._after_write(c, c.batch_from, limit)
             except Exception:
+                if c.backlog_from < 0:
+                    c.backlog_from = c.batch_from  # none of the batch is known to have left
                 troubled = troubled or []
                 troubled.append((c, "write_error"))
-        self.delivered += delivered
-        if troubled:
-            self._cut_all(troubled)
+        return troubled
 
     @staticmethod
     def _after_write(c: Connection, written_before: int, limit: int) -> None:

@@ -71,6 +71,7 @@ class LiveTasks:
         self.store = store
         self.throttle_s = throttle_s
         self.coalesce_s = coalesce_s
+        self.widest_coalesce_s = coalesce_s
         self.heartbeat_s = heartbeat_s
         self.stall_s = stall_s
         self._clock = clock
@@ -304,7 +305,10 @@ class LiveTasks:
             found += await self.store.task_snapshot(user_id, through=through)
         # Only if one was held lately: every instance sees every event, so none held here means
         # none went out late anywhere, and a reconnect costs no query.
-        lookback = self.coalesce_s + 1.0
+        # The widest window in force since start-up (adaptive load may have widened it: a chapter
+        # held then went out that much later).
+        self.widest_coalesce_s = max(self.widest_coalesce_s, self.coalesce_s)
+        lookback = self.widest_coalesce_s + 1.0
         if resuming and self.coalesce_s > 0 and self._clock() - self._chapter_held_at <= lookback:
             since = now_ms() - int(lookback * 1000)
             found += await self.store.read_recent(

@@ -1,8 +1,9 @@
 """The client's address behind trusted proxies (``SCRIBE_EVENTS_TRUSTED_PROXIES``).
 
-A request's ``Forwarded`` (RFC 7239) or, without it, ``X-Forwarded-For`` header is believed only
-when the direct peer is a trusted proxy; otherwise it is ignored, so a client cannot pick the
-address that bans and limits see. Behind several trusted hops the client is the right-most address
+A request's forwarding header (``X-Forwarded-For``, or ``Forwarded`` (RFC 7239) with
+``SCRIBE_EVENTS_FORWARDED_HEADER=forwarded``: only the one the proxy writes, never the other,
+which a client could send through it) is believed only when the direct peer is a trusted proxy;
+otherwise it is ignored, so a client cannot pick the address that bans and limits see. Behind several trusted hops the client is the right-most address
 that is not one of them (each proxy appends the peer it saw); an entry that is not an address
 (``unknown``, an obfuscated name, garbage) ends the walk at the trusted hop that reported it.
 """
@@ -36,9 +37,15 @@ def _address(text: str) -> str | None:
     elif text.count(":") == 1:  # IPv4:port
         text = text.split(":", 1)[0]
     try:
-        return str(ipaddress.ip_address(text))
+        return _plain(ipaddress.ip_address(text))
     except ValueError:
         return None
+
+
+def _plain(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address in its normal form; an IPv4-mapped IPv6 one (``::ffff:1.2.3.4``) as IPv4."""
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped if mapped is not None else ip)
 
 
 def _forwarded_for(value: str) -> list[str | None]:
@@ -60,8 +67,9 @@ def _joined(scope: dict[str, Any], name: bytes) -> str | None:
 
 
 class TrustedProxies:
-    def __init__(self, networks: Iterable[str]) -> None:
+    def __init__(self, networks: Iterable[str], header: str = "x-forwarded-for") -> None:
         self.networks = parse_networks(networks)
+        self.header = header.lower().encode()
 
     def __bool__(self) -> bool:
         return bool(self.networks)
@@ -74,19 +82,20 @@ class TrustedProxies:
             ip = ipaddress.ip_address(address)
         except ValueError:
             return False
-        return any(ip in net for net in self.networks)
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return any(ip in net or (mapped is not None and mapped in net) for net in self.networks)
 
     def client(self, scope: dict[str, Any]) -> tuple[str, int] | None:
         """The client behind the proxies, or None to keep the direct peer."""
         peer = scope.get("client")
         if not peer or not self.trusted(peer[0]):
             return None
-        if (forwarded := _joined(scope, b"forwarded")) is not None:
-            hops = _forwarded_for(forwarded)
-        elif (xff := _joined(scope, b"x-forwarded-for")) is not None:
-            hops = [_address(h) for h in xff.split(",")]
-        else:
+        value = _joined(scope, self.header)
+        if value is None:
             return None
+        hops = (
+            _forwarded_for(value) if self.header == b"forwarded" else [_address(h) for h in value.split(",")]
+        )
         client = peer[0]
         for hop in reversed(hops[-MAX_HOPS:]):
             if hop is None:

@@ -12,6 +12,7 @@ it must not take it down.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -31,6 +32,8 @@ log = logging.getLogger("scribe_events.ratelimit")
 
 KINDS = ("streams", "tickets", "polling", "publish")
 LOG_EVERY_S = 60.0
+CHECK_TIMEOUT_S = 0.1  # one count in Redis; slower than this, the request is let through
+PAUSE_AFTER_FAILURE_S = 5.0  # and the limits are not counted at all for this long
 
 
 def parse_limit(value: str) -> RateLimitItem | None:
@@ -83,10 +86,11 @@ class RateLimits:
         self.ban_on_first = s.auto_ban_failures == 1
         self.unavailable: Counter[str] = Counter()  # checks let through because the storage failed
         self._logged_at = -LOG_EVERY_S
+        self._paused_until = 0.0  # a storage that failed is not asked again until then
 
     async def check(self, kind: str, principal: Principal, ip: str | None) -> None:
         """Count one request of ``kind``; 429 past the caller's limit."""
-        if not self.enabled:
+        if not self.enabled or time.monotonic() < self._paused_until:
             return
         # (who, key, limit, the setting that sets it: also the metric's reason)
         if principal.is_admin:
@@ -99,13 +103,13 @@ class RateLimits:
             if item is None:
                 continue
             try:
-                allowed = await self._limiter.hit(item, kind, scope, key)
-                if allowed:
-                    continue
-                stats = await self._limiter.get_window_stats(item, kind, scope, key)
-            except Exception as exc:  # Redis away: let it through
+                async with asyncio.timeout(CHECK_TIMEOUT_S):
+                    if await self._limiter.hit(item, kind, scope, key):
+                        continue
+                    stats = await self._limiter.get_window_stats(item, kind, scope, key)
+            except Exception as exc:  # Redis away or hung: let it through, and stop asking a while
                 self._storage_failed(exc)
-                continue
+                return
             retry = max(1, math.ceil(stats.reset_time - time.time()))
             who = {"user": "this user", "ip": "this address", "admin": "this admin"}[scope]
             raise RateLimited(
@@ -118,10 +122,11 @@ class RateLimits:
         """Count one failed authentication from ``ip``; True once it has earned a ban."""
         if self.ban_on_first:
             return True
-        if self._failures is None:
+        if self._failures is None or time.monotonic() < self._paused_until:
             return False
         try:
-            return not await self._limiter.hit(self._failures, "auth-failures", ip)
+            async with asyncio.timeout(CHECK_TIMEOUT_S):
+                return not await self._limiter.hit(self._failures, "auth-failures", ip)
         except Exception as exc:
             self._storage_failed(exc)
             return False
@@ -135,6 +140,7 @@ class RateLimits:
     def _storage_failed(self, exc: Exception) -> None:
         self.unavailable[type(exc).__name__] += 1
         now = time.monotonic()
+        self._paused_until = now + PAUSE_AFTER_FAILURE_S
         if now - self._logged_at >= LOG_EVERY_S:
             self._logged_at = now
             log.error(

@@ -42,6 +42,9 @@ def test_lag_widens_the_windows_at_once_and_they_come_back_step_by_step() -> Non
         adaptive.observe(0.01)
     assert (adaptive.level, live.throttle_s, live.coalesce_s, publisher.batch_max) == (0, 1.0, 0.5, 1000)
     assert adaptive.changes == 3
+    # A resuming stream looks back over the widest window in force lately (a chapter held then
+    # went out that much later), not only today's narrow one.
+    assert live.widest_coalesce_s == 2.5
 
 
 def test_full_queues_count_as_load_and_a_switched_off_throttle_stays_off() -> None:

@@ -116,7 +116,35 @@ def test_a_limiter_without_its_redis_lets_requests_through() -> None:
         await limits.close()
         return sum(limits.unavailable.values())
 
-    assert asyncio.run(run()) >= 3
+    assert asyncio.run(run()) == 1  # the first failure pauses counting (no Redis call per request)
+
+
+def test_a_hung_redis_costs_a_request_a_tenth_of_a_second_at_most() -> None:
+    """Regression (review): a Redis that accepts and never answers held every request 10 s."""
+    import socket
+    import time
+
+    from scribe_events.config import Settings
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does), never answers
+    port = silent.getsockname()[1]
+    limits = RateLimits(Settings(redis_url=f"redis://127.0.0.1:{port}/0"))
+
+    async def run() -> list[float]:
+        who = Principal("alice", None, frozenset(), None)
+        took = []
+        for _ in range(3):
+            started = time.monotonic()
+            await limits.check("publish", who, "127.0.0.1")
+            took.append(time.monotonic() - started)
+        await limits.close()
+        return took
+
+    try:
+        took = asyncio.run(run())
+    finally:
+        silent.close()
+    assert took[0] < 0.5 and max(took[1:]) < 0.01  # then paused: not asked at all
 
 
 def test_limits_can_be_switched_off(make_server: MakeServer) -> None:
@@ -186,3 +214,19 @@ def test_publishing_is_limited_per_address_too(make_server: MakeServer) -> None:
     _refused(refused.status_code, dict(refused.headers), refused.json())
     limited = 'scribe_events_requests_rate_limited_total{limit="rate_limit_publish_per_ip"}'
     assert value(server, limited) == 1
+
+
+def test_a_burst_of_forged_tokens_from_one_address_makes_one_ban(make_server: MakeServer) -> None:
+    """Regression (review): concurrent failures each saw no ban yet and banned again (195 for 200)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = make_server(trusted_proxies=["127.0.0.1"], auto_ban_failures=2)
+    forged = {"Authorization": "Bearer forged.token.x", "X-Forwarded-For": "203.0.113.77"}
+
+    def once(_: int) -> int:
+        return httpx.get(server.url + "/api/v1/events", headers=forged).status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        statuses = list(pool.map(once, range(60)))
+    assert set(statuses) == {401}
+    assert value(server, "scribe_events_auto_bans_total") == 1

@@ -248,6 +248,7 @@ export class ScribeEvents {
     const onMessage = (m) => this._fromStream(m);
     es.addEventListener("connection.established", (m) => {
       this._failures = 0;
+      this._comeBackAfter = null; // a restart notice is for the stream it came on only
       this._everOpen = true;
       this._stopPolling();
       try {
@@ -264,7 +265,7 @@ export class ScribeEvents {
     // The server restarts: it says when to come back (spread, so its clients do not all return at once).
     es.addEventListener("connection.closing", (m) => {
       const after = safeJson(m.data)?.reconnect_after_ms;
-      if (Number.isFinite(after) && after >= 0) this._comeBackAfter = Math.min(after, 3600 * 1000);
+      if (Number.isFinite(after) && after >= 0) this._comeBackAfter = Math.min(after, 60 * 1000);
     });
     es.addEventListener("replay.truncated", (m) => {
       this._alive();

@@ -56,7 +56,7 @@ class ScribeApp:
         self.settings = settings
         self.runtime: Runtime | None = None
         self.requests = RequestStats()
-        self.proxies = TrustedProxies(settings.trusted_proxies)
+        self.proxies = TrustedProxies(settings.trusted_proxies, settings.forwarded_header)
         self.metrics = make_registry(lambda: self.runtime)
         self.api = FastAPI(
             title="scribe-events",
