@@ -68,7 +68,9 @@ class Admission:
         """One more failed authentication from ``ip``: past auto_ban_failures it is banned."""
         if self.settings.auto_ban_failures == 0 or ip in self.never_ban or self.control.banned(ip=ip):
             return  # off, a proxy, or banned already (counting on would only ban it again)
-        if not await self.limits.failed_authentication(ip) or ip in self._banning:
+        if not await self.limits.failed_authentication(ip):
+            return
+        if ip in self._banning or self.control.banned(ip=ip):  # again: another may have meanwhile
             return
         self._banning.add(ip)  # concurrent failures of one address make one ban
         try:

@@ -17,7 +17,8 @@ import logging
 import math
 import time
 from collections import Counter
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from limits import RateLimitItem, parse
@@ -29,6 +30,7 @@ from scribe_events.config import Settings
 from scribe_events.exceptions import RateLimited
 
 log = logging.getLogger("scribe_events.ratelimit")
+T = TypeVar("T")
 
 KINDS = ("streams", "tickets", "polling", "publish")
 LOG_EVERY_S = 60.0
@@ -87,6 +89,7 @@ class RateLimits:
         self.unavailable: Counter[str] = Counter()  # checks let through because the storage failed
         self._logged_at = -LOG_EVERY_S
         self._paused_until = 0.0  # a storage that failed is not asked again until then
+        self._late: set[asyncio.Task[Any]] = set()  # calls that outlived their time, left to finish
 
     async def check(self, kind: str, principal: Principal, ip: str | None) -> None:
         """Count one request of ``kind``; 429 past the caller's limit."""
@@ -103,10 +106,9 @@ class RateLimits:
             if item is None:
                 continue
             try:
-                async with asyncio.timeout(CHECK_TIMEOUT_S):
-                    if await self._limiter.hit(item, kind, scope, key):
-                        continue
-                    stats = await self._limiter.get_window_stats(item, kind, scope, key)
+                if await self._bounded(self._limiter.hit(item, kind, scope, key)):
+                    continue
+                stats = await self._bounded(self._limiter.get_window_stats(item, kind, scope, key))
             except Exception as exc:  # Redis away or hung: let it through, and stop asking a while
                 self._storage_failed(exc)
                 return
@@ -125,11 +127,27 @@ class RateLimits:
         if self._failures is None or time.monotonic() < self._paused_until:
             return False
         try:
-            async with asyncio.timeout(CHECK_TIMEOUT_S):
-                return not await self._limiter.hit(self._failures, "auth-failures", ip)
+            return not await self._bounded(self._limiter.hit(self._failures, "auth-failures", ip))
         except Exception as exc:
             self._storage_failed(exc)
             return False
+
+    async def _bounded(self, call: Coroutine[Any, Any, T]) -> T:
+        """``call``'s answer within CHECK_TIMEOUT_S, else TimeoutError. A late call is left to
+        finish (never cancelled: a Redis command or connect cut off half-way can leave its socket
+        behind) and its outcome is dropped."""
+        task = asyncio.ensure_future(call)
+        done, _ = await asyncio.wait({task}, timeout=CHECK_TIMEOUT_S)
+        if task in done:
+            return task.result()
+        self._late.add(task)
+        task.add_done_callback(self._forget_late)
+        raise TimeoutError(f"the rate-limit storage did not answer within {CHECK_TIMEOUT_S} s")
+
+    def _forget_late(self, task: asyncio.Task[Any]) -> None:
+        self._late.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: a late failure is not "never retrieved"
 
     async def close(self) -> None:
         """Close the Redis connections the limiter opened itself (none in memory or when shared)."""
