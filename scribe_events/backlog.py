@@ -12,7 +12,7 @@ bytes; the hub writes them out as the socket drains. Two things are better than 
 from __future__ import annotations
 
 from scribe_events.events import Delivery
-from scribe_events.metrics import count_families
+from scribe_events.metrics import count_family
 from scribe_events.vocabulary import TASK_UPDATED
 
 
@@ -54,6 +54,6 @@ class Backlog:
             chunks.append(d.chunk)
             taken += len(d.chunk)
             if families is not None:
-                count_families(families, (d.type,))
+                count_family(families, d.type)
         self.bytes -= taken
         return chunks

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from scribe_events import sse
 from scribe_events.backlog import Backlog
 from scribe_events.events import Delivery, TypeFilter, dumps, now_ms, rfc3339
-from scribe_events.metrics import Histogram, count_families, family_of
+from scribe_events.metrics import Histogram, count_family
 from scribe_events.tasks import cancel, supervise
 
 log = logging.getLogger("scribe_events.hub")
@@ -323,8 +323,7 @@ class Hub:
                     continue
                 delivered += 1
             if delivered != before:  # per event, not per connection
-                family = family_of(type_)
-                by_family[family] = by_family.get(family, 0) + delivered - before
+                count_family(by_family, type_, delivered - before)
                 if d.time_ms:
                     now = now or now_ms()
                     self.latency.observe(max(0, now - d.time_ms) / 1000)
@@ -469,7 +468,7 @@ class Hub:
                     continue
                 top = d.seq
             chunks.append(d.chunk)
-            count_families(self.delivered_by, (d.type,))
+            count_family(self.delivered_by, d.type)
         if chunks:
             self.delivered += len(chunks)
             self.write_direct(conn, chunks, top)
@@ -525,8 +524,8 @@ class Hub:
         await cancel(self._heartbeat)
         self._heartbeat = None
         for conn in list(self.connections.values()):
-            after = random.randint(0, spread_ms) if spread_ms > 0 else 0
             if spread_ms > 0:
+                after = random.randint(0, spread_ms)
                 notice = dumps({"reason": "shutdown", "reconnect_after_ms": after})
                 with contextlib.suppress(Exception):
                     conn.write(sse.chunk(sse.frame(notice, event=CLOSING_TYPE, retry=after)))

@@ -61,10 +61,26 @@ def family_of(type_: str) -> str:
     return family
 
 
+def count_family(counts: dict[str, int], type_: str, n: int = 1) -> None:
+    family = family_of(type_)
+    counts[family] = counts.get(family, 0) + n
+
+
 def count_families(counts: dict[str, int], types: Iterable[str]) -> None:
     for type_ in types:
-        family = family_of(type_)
-        counts[family] = counts.get(family, 0) + 1
+        count_family(counts, type_)
+
+
+def gauge(name: str, doc: str, instance: list[str], value: float) -> GaugeMetricFamily:
+    g = GaugeMetricFamily(name, doc, labels=["instance"])
+    g.add_metric(instance, value)
+    return g
+
+
+def counter(name: str, doc: str, instance: list[str], value: float) -> CounterMetricFamily:
+    c = CounterMetricFamily(name, doc, labels=["instance"])
+    c.add_metric(instance, value)
+    return c
 
 
 class Histogram:
@@ -158,15 +174,11 @@ class RuntimeCollector:
         )
         requests = rt.requests
 
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=["instance"])
-            g.add_metric(instance, value)
-            return g
+        def gauge_(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return gauge(name, doc, instance, value)
 
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(name, doc, labels=["instance"])
-            c.add_metric(instance, value)
-            return c
+        def counter_(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return counter(name, doc, instance, value)
 
         def by(name: str, doc: str, label: str, values: dict[Any, int]) -> Metric:
             m = CounterMetricFamily(name, doc, labels=["instance", label])
@@ -178,8 +190,8 @@ class RuntimeCollector:
 
         # -- connections
         queued = [c.backlog.bytes for c in hub.connections.values() if c.backlog is not None]
-        yield gauge("scribe_events_connections", "Open streams on this instance.", len(hub))
-        yield counter("scribe_events_connections_opened", "Streams opened.", hub.opened)
+        yield gauge_("scribe_events_connections", "Open streams on this instance.", len(hub))
+        yield counter_("scribe_events_connections_opened", "Streams opened.", hub.opened)
         yield by("scribe_events_connections_closed", "Streams ended, by reason.", "reason", hub.closed)
         yield by(
             "scribe_events_connections_cut_off",
@@ -187,19 +199,19 @@ class RuntimeCollector:
             "reason",
             hub.cut_by,
         )
-        yield gauge(
+        yield gauge_(
             "scribe_events_connections_queued", "Streams whose own queue holds deliveries.", len(queued)
         )
-        yield gauge(
+        yield gauge_(
             "scribe_events_connection_queue_bytes", "Bytes waiting in all streams' own queues.", sum(queued)
         )
-        yield gauge(
+        yield gauge_(
             "scribe_events_connection_queue_max_bytes",
             "Bytes waiting in the fullest stream's own queue.",
             max(queued, default=0),
         )
-        yield counter("scribe_events_replays", "Streams that replayed missed events.", hub.replays)
-        yield counter("scribe_events_replayed_events", "Events written by replays.", hub.replayed)
+        yield counter_("scribe_events_replays", "Streams that replayed missed events.", hub.replays)
+        yield counter_("scribe_events_replayed_events", "Events written by replays.", hub.replayed)
 
         # -- events
         yield by(
@@ -237,15 +249,15 @@ class RuntimeCollector:
                 "replaced": hub.replaced,
             },
         )
-        yield counter(
+        yield counter_(
             "scribe_events_events_throttled",
             "Progress updates held back and replaced by a newer one.",
             live.throttled,
         )
-        yield counter(
+        yield counter_(
             "scribe_events_events_coalesced", "Chapter updates folded into another event.", live.coalesced
         )
-        yield counter(
+        yield counter_(
             "scribe_events_task_heartbeats", "task.progress-heartbeat events sent.", live.heartbeats
         )
         yield hub.latency.family(
@@ -255,7 +267,7 @@ class RuntimeCollector:
         )
 
         # -- store and publishing
-        yield counter(
+        yield counter_(
             "scribe_events_store_batches",
             "Group-commit batches (a store transaction when they hold stored events or claims).",
             publisher.batches,
@@ -266,31 +278,31 @@ class RuntimeCollector:
         yield publisher.batch_events.family(
             "scribe_events_store_batch_events", "Events per group commit.", instance
         )
-        yield gauge(
+        yield gauge_(
             "scribe_events_publish_queue_events", "Events waiting to be stored.", publisher.queued_events
         )
-        yield gauge(
+        yield gauge_(
             "scribe_events_outbox_behind",
             "1 while stored events wait for the broker.",
             float(publisher.behind),
         )
-        yield counter(
+        yield counter_(
             "scribe_events_failed_deliveries_given_up",
             "Cut connections whose failed deliveries could not be recorded.",
             recorder.given_up,
         )
 
         # -- broker
-        yield gauge("scribe_events_broker_up", "1 when the broker subscription is up.", float(broker.up))
-        yield gauge(
+        yield gauge_("scribe_events_broker_up", "1 when the broker subscription is up.", float(broker.up))
+        yield gauge_(
             "scribe_events_redis_connections",
             "Connections the instance's Redis command pool holds (0 without Redis).",
             pool_size(getattr(rt.state, "client", None)),
         )
-        yield counter(
+        yield counter_(
             "scribe_events_broker_reconnects", "Times the broker subscription came back.", broker.reconnects
         )
-        yield counter(
+        yield counter_(
             "scribe_events_broker_foreign_messages",
             "Broker messages from another deployment sharing Redis, ignored.",
             broker.foreign,
@@ -315,15 +327,15 @@ class RuntimeCollector:
             "limit",
             requests.rate_limited,
         )
-        yield counter(
+        yield counter_(
             "scribe_events_requests_banned", "Requests refused for a banned user or address.", requests.banned
         )
-        yield counter(
+        yield counter_(
             "scribe_events_auto_bans",
             "Addresses banned automatically for repeated failed authentications.",
             rt.admission.auto_bans,
         )
-        yield counter(
+        yield counter_(
             "scribe_events_rate_limit_errors",
             "Rate-limit checks let through because their storage (Redis) failed.",
             sum(rt.admission.limits.unavailable.values()),

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
+from scribe_events import metrics
 from scribe_events.adaptive import AdaptiveLoad
 from scribe_events.config import Settings
 from scribe_events.exceptions import ScribeEventsError
@@ -154,8 +155,7 @@ class Monitor:
         self._last = now
         self._check(CONNECTIONS, float(len(self.hub)), f"{len(self.hub)} open streams")
         self._check(P99_LATENCY, self.p99, f"p99 publish-to-write latency about {self.p99 * 1000:.0f} ms")
-        if (streams := len(self.hub)) >= self._peak[0]:
-            self._peak = (streams, max(0, rss_bytes() - self.rss_at_start))
+        self._note_peak()
         snapshot = {"instance": self.settings.instance_id, "at": now[0], "metrics": samples(self.registry)}
         self._lag_before, self._lag_now = self._lag_now, 0.0
         try:
@@ -198,21 +198,23 @@ class Monitor:
         except Exception as exc:  # an alert that cannot be sent must not stop anything
             log.warning("could not notify about the %s threshold: %s", name, exc)
 
+    def _note_peak(self) -> tuple[int, int]:
+        """(streams, memory gained since start-up) at the most streams seen so far."""
+        if (streams := len(self.hub)) >= self._peak[0]:
+            self._peak = (streams, max(0, rss_bytes() - self.rss_at_start))
+        return self._peak
+
     def collect(self, instance: list[str]) -> Iterator[Metric]:
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=["instance"])
-            g.add_metric(instance, value)
-            return g
+            return metrics.gauge(name, doc, instance, value)
 
-        conns = len(self.hub)
-        rss = rss_bytes()
-        cpu = CounterMetricFamily(
+        yield metrics.counter(
             "scribe_events_process_cpu_seconds",
             "CPU time of the process (user and system).",
-            labels=["instance"],
+            instance,
+            time.process_time(),
         )
-        cpu.add_metric(instance, time.process_time())
-        yield cpu
+        rss = rss_bytes()
         yield gauge("scribe_events_process_resident_memory_bytes", "Resident memory of the process.", rss)
         yield gauge("scribe_events_process_open_fds", "Open file descriptors.", open_fds())
         yield gauge(
@@ -228,9 +230,7 @@ class Monitor:
             f"The largest event-loop lag seen in the last interval (a {PROBE_S:g} s probe).",
             self.loop_lag,
         )
-        peak, gained = self._peak
-        if conns >= peak:
-            peak, gained = conns, max(0, rss - self.rss_at_start)
+        peak, gained = self._note_peak()
         yield gauge(
             "scribe_events_cost_memory_bytes_per_connection",
             "Measured: resident memory gained since start-up, per stream, when the most streams were "
@@ -265,11 +265,9 @@ class Monitor:
         if self.adaptive is not None:
             a = self.adaptive
             yield gauge("scribe_events_load_level", "Adaptive load: 0 normal, 1 busy, 2 overloaded.", a.level)
-            changes = CounterMetricFamily(
-                "scribe_events_load_level_changes", "Adaptive load level changes.", labels=["instance"]
+            yield metrics.counter(
+                "scribe_events_load_level_changes", "Adaptive load level changes.", instance, a.changes
             )
-            changes.add_metric(instance, a.changes)
-            yield changes
             yield gauge(
                 "scribe_events_progress_throttle_seconds",
                 "The progress throttle in force.",
