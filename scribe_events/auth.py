@@ -15,6 +15,8 @@ from scribe_events.ids import is_text_id
 ROLE_PUBLISHER = "publisher"
 ROLE_ADMIN = "admin"
 ROLES = (ROLE_PUBLISHER, ROLE_ADMIN)
+VERIFIED_CACHE = 4096  # tokens remembered as verified (see TokenVerifier.verify), of at most
+VERIFIED_TOKEN_CHARS = 2048  # characters each: at most 8 MiB
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +57,25 @@ class TokenVerifier:
         self.key = key
         self.audience = settings.jwt_audience
         self.issuer = settings.jwt_issuer
+        self._verified: dict[str, Principal] = {}
 
     def verify(self, token: str) -> Principal:
+        """The token's principal. A token that verified is remembered (bounded, until its ``exp``):
+        a publisher or a user's tabs send the same one again and again, and HMAC over the claims
+        and their JSON cost more than the rest of a publish request."""
+        known = self._verified.get(token)
+        if known is not None:
+            if known.expires_at is not None and known.expires_at > time.time():
+                return known
+            del self._verified[token]  # expired: the full check below says so
+        principal = self._verify(token)
+        if principal.expires_at is not None and len(token) <= VERIFIED_TOKEN_CHARS:
+            if len(self._verified) >= VERIFIED_CACHE:
+                del self._verified[next(iter(self._verified))]  # the oldest
+            self._verified[token] = principal
+        return principal
+
+    def _verify(self, token: str) -> Principal:
         try:
             claims = jwt.decode(
                 token,

@@ -50,14 +50,24 @@ def envelope_time_ms(envelope: str) -> int:
     return int(when.timestamp() * 1000)
 
 
+_second: list[Any] = [None, ""]  # the last second formatted: events of one batch share it
+
+
 def rfc3339(ms: int) -> str:
     """UTC time with milliseconds, e.g. ``2026-11-29T18:16:31.123Z``."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+    second, milli = divmod(ms, 1000)
+    if _second[0] != second:
+        _second[:] = [second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")]
+    return f"{_second[1]}.{milli:03d}Z"
+
+
+# One encoder for every call: json.dumps with options builds a new one each time.
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def dumps(value: Any) -> str:
     """Compact JSON, UTF-8 friendly. The output never holds a raw CR or LF."""
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return _encode(value)
 
 
 # Live-only ids: unique per process run, never confused with stored ids (which are integers).

@@ -1,9 +1,9 @@
 """Rate limits (R8.5): per user and per address, on opening streams, minting tickets, polling and
 publishing; past one, 429 ``rate_limited`` with ``Retry-After``.
 
-Counted with the ``limits`` library (the engine under slowapi; slowapi's own limiter calls its
-storage synchronously, which would block the event loop on Redis) in a sliding window, in Redis
-when configured, so a limit holds across instances, else in this process. End users are limited by
+Counted in a sliding window: in Redis when configured, with the ``limits`` library (the engine
+under slowapi; slowapi's own limiter calls its storage synchronously, which would block the event
+loop on Redis), so a limit holds across instances; else in this process (:class:`LocalWindows`). End users are limited by
 default; a publisher is a trusted service whose default sits far above the throughput targets;
 admins have their own limit; the per-address defaults let a whole office behind one NAT in. A
 limiter that cannot reach Redis lets requests through (logged, counted): it protects the service,
@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from limits import RateLimitItem, parse
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 
 from scribe_events.auth import Principal
@@ -48,23 +48,80 @@ def parse_limit(value: str) -> RateLimitItem | None:
         raise ValueError(f"not a rate limit: {value!r} (e.g. '60/minute')") from None
 
 
+class LocalWindows:
+    """The sliding-window counter of ``limits`` (the same weighting of the previous window), for
+    counts kept in this process: plain dict work with no await, no lock and no expiry task, which
+    in ``limits``' MemoryStorage cost a tenth of a publish request. Old windows are swept as new
+    ones open, so idle keys do not pile up."""
+
+    SWEEP_EVERY = 10_000  # new windows between sweeps
+
+    def __init__(self) -> None:
+        # key -> [window number, its count, the previous window's count, the window's length]
+        self._windows: dict[tuple[str, ...], list[float]] = {}
+        self._opened = 0
+
+    def _counts(
+        self, item: RateLimitItem, key: tuple[str, ...], now: float
+    ) -> tuple[list[float], float, float]:
+        """The key's window (made current), the previous window's count and how far into this one."""
+        expiry = item.get_expiry()
+        number, into = divmod(now, expiry)
+        window = self._windows.get(key)
+        if window is None or window[0] < number - 1:
+            window = [number, 0, 0, expiry]
+            self._opened += 1
+            if self._opened % self.SWEEP_EVERY == 0:
+                self._sweep(now)
+            self._windows[key] = window
+        elif window[0] == number - 1:
+            window[:] = [number, 0, window[1], expiry]
+        return window, window[2] * (expiry - into) / expiry, into
+
+    def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
+        key = (item.key_for(*identifiers),)
+        window, previous, _ = self._counts(item, key, time.time())
+        if math.floor(previous + window[1]) + 1 > item.amount:
+            return False
+        window[1] += 1
+        return True
+
+    def reset_in(self, item: RateLimitItem, *identifiers: str) -> float:
+        """Seconds until one more request is allowed (as ``limits``' window stats)."""
+        expiry = item.get_expiry()
+        window, _, into = self._counts(item, (item.key_for(*identifiers),), time.time())
+        previous_count, current_count = window[2], window[1]
+        soonest = math.inf
+        if previous_count:
+            soonest = (expiry - into) % (expiry / previous_count)
+        if current_count:
+            soonest = min(soonest, (2 * expiry - into) % expiry)
+        return 0.0 if soonest == math.inf else soonest
+
+    def _sweep(self, now: float) -> None:
+        for key, (number, _, _, expiry) in list(self._windows.items()):
+            if now >= (number + 2) * expiry:  # no longer even the previous window: it counts nothing
+                del self._windows[key]
+
+
 class RateLimits:
     def __init__(self, settings: Settings, redis: aioredis.Redis | None = None) -> None:
         """``redis``: the instance's command pool, which the counts share (no pool of their own)."""
         self.enabled = settings.rate_limits
-        storage: Storage = MemoryStorage()
         self._own_pool = False
+        self._storage: RedisStorage | None = None
         if settings.redis_url:
             self._own_pool = redis is None
             options: dict[str, Any] = {} if redis is None else {"connection_pool": redis.connection_pool}
-            storage = RedisStorage(
+            self._storage = RedisStorage(
                 _storage_uri(settings.redis_url),
                 implementation="redispy",
                 key_prefix=f"{settings.redis_prefix}ratelimit",
                 **options,
             )
-        self._storage = storage
-        self._limiter = SlidingWindowCounterRateLimiter(storage)
+        # Shared counts in Redis (through ``limits``), else this process's own.
+        self._limiter = None if self._storage is None else SlidingWindowCounterRateLimiter(self._storage)
+        self._local = LocalWindows()  # used when there is no Redis
         s = settings
         self._user = {
             "streams": parse_limit(s.rate_limit_streams_per_user),
@@ -105,14 +162,20 @@ class RateLimits:
         for scope, key, item, setting in checks:
             if item is None:
                 continue
-            try:
-                if await self._bounded(self._limiter.hit(item, kind, scope, key)):
+            if self._limiter is None:
+                if self._local.hit(item, kind, scope, key):
                     continue
-                stats = await self._bounded(self._limiter.get_window_stats(item, kind, scope, key))
-            except Exception as exc:  # Redis away or hung: let it through, and stop asking a while
-                self._storage_failed(exc)
-                return
-            retry = max(1, math.ceil(stats.reset_time - time.time()))
+                reset_in = self._local.reset_in(item, kind, scope, key)
+            else:
+                try:
+                    if await self._bounded(self._limiter.hit(item, kind, scope, key)):
+                        continue
+                    stats = await self._bounded(self._limiter.get_window_stats(item, kind, scope, key))
+                except Exception as exc:  # Redis away or hung: let it through, and stop asking a while
+                    self._storage_failed(exc)
+                    return
+                reset_in = stats.reset_time - time.time()
+            retry = max(1, math.ceil(reset_in))
             who = {"user": "this user", "ip": "this address", "admin": "this admin"}[scope]
             raise RateLimited(
                 f"{who} made more than {item} {_what(kind)} requests; retry in {retry} s",
@@ -126,6 +189,8 @@ class RateLimits:
             return True
         if self._failures is None or time.monotonic() < self._paused_until:
             return False
+        if self._limiter is None:
+            return not self._local.hit(self._failures, "auth-failures", ip)
         try:
             return not await self._bounded(self._limiter.hit(self._failures, "auth-failures", ip))
         except Exception as exc:

@@ -51,7 +51,7 @@ from scribe_events.client import SSEParser
 from scribe_events.exceptions import ScribeEventsError, ValidationFailed
 from scribe_events.vocabulary import parse_publish
 from scribe_events.web.app import create_app
-from scribe_events.web.routes import parse_body
+from scribe_events.web.publish import parse_body
 from tests.conftest import MakeServer
 from tests.harness import SECRET, RawStream, ThreadServer
 

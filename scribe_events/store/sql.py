@@ -79,6 +79,21 @@ def _visible(user_id: str, session_id: str | None) -> Any:
     )
 
 
+ROW_COLUMNS = (
+    "time_ms",
+    "type",
+    "user_id",
+    "session_id",
+    "broadcast",
+    "task_id",
+    "novel_id",
+    "replace_key",
+    "sensitive",
+    "key_id",
+    "data",
+)
+
+
 class SQLEventStore(SQLUpkeep, EventStore):
     def __init__(
         self,
@@ -94,6 +109,7 @@ class SQLEventStore(SQLUpkeep, EventStore):
         self.auto_migrate = self.dialect == "sqlite" if auto_migrate is None else auto_migrate
         self.cipher = cipher
         self.engine: AsyncEngine | None = None
+        self._insert_sql: dict[bool, tuple[str, tuple[str, ...]]] = {}  # see _insert_rows
         self._lock_key = zlib.crc32((schema or "public").encode()) & 0x7FFFFFFF
         self._identity = 0
         self.unreadable = 0  # stored rows skipped because they could not be read
@@ -171,7 +187,7 @@ class SQLEventStore(SQLUpkeep, EventStore):
 
     # -- writing -----------------------------------------------------------------------------------
 
-    def _row(self, e: Event) -> dict[str, Any]:
+    def _row(self, e: Event) -> dict[str, Any]:  # its keys: ROW_COLUMNS
         data, kid = e.data_json, None
         if e.sensitive:
             if self.cipher is None:
@@ -258,6 +274,24 @@ class SQLEventStore(SQLUpkeep, EventStore):
         async with locked.begin():
             yield locked
 
+    async def _insert_rows(self, conn: AsyncConnection, rows: list[dict[str, Any]], *, with_id: bool) -> None:
+        """One executemany of the driver's own INSERT, with the rows as tuples: SQLAlchemy's per-row
+        parameter processing cost more than the rest of storing an event (the columns' Python
+        values are what the drivers take: ints, strs, bools, None)."""
+        statement = self._insert_sql.get(with_id)
+        if statement is None:
+            names = ("id", *ROW_COLUMNS) if with_id else ROW_COLUMNS
+            compiled = (
+                sa.insert(events).values({n: sa.bindparam(n) for n in names}).compile(dialect=conn.dialect)
+            )
+            order = tuple(compiled.positiontup or ())
+            if sorted(order) != sorted(names):  # a paramstyle that is not positional: let Core do it
+                await conn.execute(sa.insert(events), rows)
+                return
+            statement = self._insert_sql[with_id] = (str(compiled), order)
+        sql, order = statement
+        await conn.exec_driver_sql(sql, [tuple(row[n] for n in order) for row in rows])
+
     async def _insert(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[int]:
         if self.dialect == "postgresql":
             # Serialise writers across instances, then draw ids: commit order == id order.
@@ -271,11 +305,11 @@ class SQLEventStore(SQLUpkeep, EventStore):
             ids = sorted(int(r[0]) for r in drawn)
             for row, id_ in zip(rows, ids, strict=True):
                 row["id"] = id_
-            await conn.execute(sa.insert(events), rows)
+            await self._insert_rows(conn, rows, with_id=True)
             return ids
         # SQLite: the write lock is ours from the first insert to the commit, so one executemany
         # gets consecutive AUTOINCREMENT ids ending at last_insert_rowid().
-        await conn.execute(sa.insert(events), rows)
+        await self._insert_rows(conn, rows, with_id=False)
         last = int((await conn.exec_driver_sql("SELECT last_insert_rowid()")).scalar_one())
         return list(range(last - len(rows) + 1, last + 1))
 

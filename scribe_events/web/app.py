@@ -44,13 +44,13 @@ from scribe_events.service import EventService
 from scribe_events.state import MemoryState, RedisState, SharedState
 from scribe_events.store import make_store
 from scribe_events.vocabulary import parse_publish
-from scribe_events.web import errors, routes, stream
+from scribe_events.web import errors, publish, routes, stream
 
 log = logging.getLogger("scribe_events")
 
 
 class ScribeApp:
-    """The ASGI application: the stream is answered directly, everything else by FastAPI."""
+    """The ASGI application: the stream and publishing are answered directly, the rest by FastAPI."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -90,6 +90,15 @@ class ScribeApp:
                 receive = await self._buffered(scope, receive)
             except ScribeEventsError as exc:
                 await errors.send_error(send, exc, stream.cors_headers(self.settings, _origin(scope)))
+                return
+            if (
+                scope["path"] == publish.PUBLISH_PATH
+                and scope["method"] == "POST"
+                and self.runtime is not None
+            ):
+                message = await receive()
+                body = message.get("body", b"") if message["type"] == "http.request" else b""
+                await publish.handle(self.runtime, scope, body, send)
                 return
         await self.api(scope, receive, send)  # type: ignore[arg-type]
 

@@ -27,6 +27,10 @@ _HTTP_CODES = {
 }
 
 
+# What an unexpected exception is answered (it is logged, never shown).
+INTERNAL_ERROR = ScribeEventsError("an unexpected error occurred; it has been logged")
+
+
 def error_response(exc: ScribeEventsError) -> JSONResponse:
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
@@ -77,6 +81,4 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error", exc_info=exc)
-        return JSONResponse(
-            _body("internal_error", "an unexpected error occurred; it has been logged"), status_code=500
-        )
+        return error_response(INTERNAL_ERROR)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,16 +13,16 @@ from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 
-from scribe_events.auth import ROLE_ADMIN, ROLE_PUBLISHER, mint_token
+from scribe_events.auth import mint_token
 from scribe_events.config import Settings
-from scribe_events.events import Event, TypeFilter
-from scribe_events.exceptions import BadRequest, InvalidJSON, NotFound, NotReady, ValidationFailed
-from scribe_events.ids import IDEMPOTENCY_KEY, check_text_id
+from scribe_events.events import TypeFilter
+from scribe_events.exceptions import NotFound, NotReady
+from scribe_events.ids import check_text_id
 from scribe_events.metrics import CONTENT_TYPE, render
-from scribe_events.service import dump_with_raw, request_fingerprint
-from scribe_events.vocabulary import parse_publish
+from scribe_events.service import dump_with_raw
 from scribe_events.web import admin, stream, tasks
 from scribe_events.web.deps import AUTH_ERRORS, Caller, UserId, bearer, client_ip, errors, runtime_of
+from scribe_events.web.publish import PUBLISH_PATH, accept
 
 
 class TicketOut(BaseModel):
@@ -117,7 +116,7 @@ async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
 
 
 @router.post(
-    "/api/v1/events",
+    PUBLISH_PATH,
     tags=["publish"],
     status_code=202,
     response_model=PublishedOut,
@@ -126,49 +125,17 @@ async def issue_ticket(request: Request, principal: Caller) -> TicketOut:
 )
 async def publish(
     request: Request,
-    principal: Caller,
+    _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> PublishedOut:
     """Publish one event or `{"events": [...]}` (roles `publisher`, `admin`). Important events are
-    committed to the store before anyone is sent them; the answer carries their ids in order."""
-    principal.require(ROLE_PUBLISHER, ROLE_ADMIN)
+    committed to the store before anyone is sent them; the answer carries their ids in order.
+    (Served by `scribe_events.web.publish`, before FastAPI's routing, with the same checks.)"""
     rt = runtime_of(request)
-    await rt.admission.limit("publish", principal, client_ip(request))
-    if idempotency_key is not None and not IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-        raise BadRequest(
-            "Idempotency-Key must be 1-200 visible ASCII characters", code="invalid_idempotency_key"
-        )
-    body = await request.body()
-    events = parse_body(
-        body, rt.settings.max_event_bytes, rt.settings.max_batch_events, rt.settings.max_data_depth
-    )
-    ids = await rt.service.publish(
-        principal, events, idempotency_key=idempotency_key, request_hash=request_fingerprint(body)
+    ids = await accept(
+        rt, request.headers.get("authorization"), client_ip(request), idempotency_key, await request.body()
     )
     return PublishedOut(ids=ids)
-
-
-def parse_body(body: bytes, max_event_bytes: int, max_batch: int, max_depth: int = 32) -> list[Event]:
-    try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
-        raise InvalidJSON("the body is not valid JSON") from None
-    if isinstance(payload, dict) and "events" in payload:
-        items = payload["events"]
-        extra = sorted(set(payload) - {"events"})
-        if extra:
-            raise ValidationFailed("is not allowed beside 'events'", field=extra[0])
-        if not isinstance(items, list) or not items:
-            raise ValidationFailed("must be a non-empty list of events", field="events")
-        if len(items) > max_batch:
-            raise ValidationFailed(
-                f"holds {len(items)} events; at most {max_batch} per request", field="events"
-            )
-        return [
-            parse_publish(item, max_event_bytes=max_event_bytes, index=i, max_depth=max_depth)
-            for i, item in enumerate(items)
-        ]
-    return [parse_publish(payload, max_event_bytes=max_event_bytes, max_depth=max_depth)]
 
 
 @router.get("/api/v1/events", tags=["polling"], responses=AUTH_ERRORS)

@@ -1,0 +1,174 @@
+"""What the performance work changed must not change what the service does: publishing answered
+before FastAPI, verified tokens remembered, rate limits counted in this process without
+``limits``' storage, the store's driver-level INSERT, the cached timestamp and JSON encoder."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from limits import parse
+
+from scribe_events.auth import VERIFIED_CACHE, TokenVerifier, mint_token
+from scribe_events.config import Settings
+from scribe_events.events import dumps, rfc3339
+from scribe_events.exceptions import InvalidToken
+from scribe_events.ratelimit import LocalWindows
+from tests.conftest import MakeServer
+from tests.harness import ThreadServer
+
+SECRET = "fast-path-secret-fast-path-secret-0123456789"
+
+
+# --- publishing before FastAPI -------------------------------------------------------------------
+
+
+def test_publish_answers_as_documented(server: ThreadServer) -> None:
+    """202 with the ids in order; the OpenAPI document still describes the route."""
+    h = {"Authorization": f"Bearer {server.token('svc', roles=['publisher'])}"}
+    body = {"events": [{"type": "custom.a", "user_id": "u"}, {"type": "custom.b", "user_id": "u"}]}
+    r = httpx.post(server.url + "/api/v1/events", json=body, headers=h)
+    assert r.status_code == 202 and r.headers["content-type"] == "application/json"
+    ids = r.json()["ids"]
+    assert len(ids) == 2 and int(ids[0]) + 1 == int(ids[1])
+    live = httpx.post(
+        server.url + "/api/v1/events", json={"type": "custom.l", "user_id": "u", "persist": False}, headers=h
+    )
+    assert live.status_code == 202 and live.json()["ids"][0].startswith("L")
+    doc = httpx.get(server.url + "/openapi.json").json()
+    post = doc["paths"]["/api/v1/events"]["post"]
+    assert "202" in post["responses"] and "requestBody" in post
+    assert {"name": "idempotency-key", "in": "header"}.items() <= post["parameters"][0].items()
+
+
+def test_publish_errors_keep_the_contracts_form(make_server: MakeServer) -> None:
+    server = make_server(cors_origins=["https://app.example"])
+    pub = {"Authorization": f"Bearer {server.token('svc', roles=['publisher'])}"}
+    cases = [
+        ({}, b'{"type":"custom.a","user_id":"u"}', 401, "unauthorized"),
+        ({"Authorization": f"Bearer {server.token('u')}"}, b'{"type":"custom.a"}', 403, "missing_role"),
+        ({**pub, "Idempotency-Key": "a b"}, b"{}", 400, "invalid_idempotency_key"),
+        (pub, b"{not json", 400, "invalid_json"),
+        (pub, b'{"type":"custom.a"}', 422, "invalid_audience"),
+    ]
+    for headers, body, status, code in cases:
+        r = httpx.post(
+            server.url + "/api/v1/events", content=body, headers={**headers, "Origin": "https://app.example"}
+        )
+        assert (r.status_code, r.json()["error"]["code"]) == (status, code), r.text
+        assert r.headers["access-control-allow-origin"] == "https://app.example"
+    other = httpx.post(
+        server.url + "/api/v1/events",
+        json={"type": "custom.a", "user_id": "u"},
+        headers={**pub, "Origin": "https://evil.example"},
+    )
+    assert other.status_code == 202 and "access-control-allow-origin" not in other.headers
+
+
+def test_an_unexpected_error_in_publishing_is_a_logged_500(
+    server: ThreadServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scribe_events.web.publish as publish
+
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(publish, "parse_body", broken)
+    h = {"Authorization": f"Bearer {server.token('svc', roles=['publisher'])}"}
+    r = httpx.post(server.url + "/api/v1/events", json={"type": "custom.a", "user_id": "u"}, headers=h)
+    assert r.status_code == 500
+    assert r.json()["error"]["code"] == "internal_error" and "a bug" not in r.text
+    monkeypatch.undo()
+    ok = httpx.post(server.url + "/api/v1/events", json={"type": "custom.a", "user_id": "u"}, headers=h)
+    assert ok.status_code == 202  # the next request is served as ever
+
+
+# --- verified tokens are remembered until they expire ---------------------------------------------
+
+
+def _verifier() -> TokenVerifier:
+    return TokenVerifier(Settings(jwt_secret=SECRET))
+
+
+def test_a_remembered_token_still_expires() -> None:  # (waits for the token's second to pass)
+    verifier = _verifier()
+    token = mint_token(SECRET, "alice", roles=["publisher"], ttl_s=1)
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first  # remembered
+    assert first.expires_at is not None
+    time.sleep(max(0.0, first.expires_at - time.time()) + 0.05)
+    with pytest.raises(InvalidToken) as refused:
+        verifier.verify(token)
+    assert refused.value.reason == "expired_token"
+
+
+def test_only_verified_tokens_are_remembered_and_the_memory_is_bounded() -> None:
+    verifier = _verifier()
+    forged = mint_token("another-secret-another-secret-0123456789", "mallory")
+    for _ in range(2):  # a refusal is never remembered: the second try is refused as well
+        with pytest.raises(InvalidToken):
+            verifier.verify(forged)
+    tokens = [mint_token(SECRET, f"u{i}") for i in range(VERIFIED_CACHE + 10)]
+    for t in tokens:
+        verifier.verify(t)
+    assert len(verifier._verified) == VERIFIED_CACHE
+    assert tokens[0] not in verifier._verified and tokens[-1] in verifier._verified
+    assert verifier.verify(tokens[0]).user_id == "u0"  # forgotten, so checked again in full
+
+
+# --- rate limits counted in this process ---------------------------------------------------------
+
+
+def test_local_windows_allow_the_limit_then_refuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [60_020.0]  # 20 s into a minute window (number 1000)
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    windows, item = LocalWindows(), parse("10/minute")
+    assert [windows.hit(item, "k") for _ in range(11)] == [True] * 10 + [False]
+    assert windows.hit(item, "other")  # each key has its own count
+    assert 0 < windows.reset_in(item, "k") <= 60
+    # Next window, 30 s in: half of the previous window's 10 still counts, so 5 more are allowed.
+    now[0] = 60_090.0  # 30 s into the next window
+    assert [windows.hit(item, "k") for _ in range(6)] == [True] * 5 + [False]
+    now[0] += 200  # two windows later nothing counts
+    assert [windows.hit(item, "k") for _ in range(10)] == [True] * 10
+
+
+def test_local_windows_sweep_keys_that_count_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [5_000.0]
+    monkeypatch.setattr(time, "time", lambda: now[0])
+    monkeypatch.setattr(LocalWindows, "SWEEP_EVERY", 100)
+    windows, item = LocalWindows(), parse("5/second")
+    for i in range(99):
+        windows.hit(item, f"ip{i}")
+    now[0] += 10
+    windows.hit(item, "late")  # the hundredth new window sweeps the old ones
+    assert list(windows._windows) == [(item.key_for("late"),)]
+
+
+# --- the cached parts of an envelope ----------------------------------------------------------------
+
+
+@given(st.integers(min_value=0, max_value=253_402_300_799_999))
+def test_rfc3339_is_the_formatted_time(ms: int) -> None:
+    expected = datetime.fromtimestamp(ms // 1000, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
+    assert rfc3339(ms) == expected
+    assert rfc3339(ms) == rfc3339(ms)  # and again, from the cached second
+
+
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+    )
+)
+def test_dumps_is_compact_json(value: object) -> None:
+    out = dumps(value)
+    assert json.loads(out) == value
+    assert out == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    with pytest.raises(ValueError):
+        dumps(float("nan"))
