@@ -16,7 +16,7 @@ import typer
 from rich.markup import escape
 from rich.panel import Panel
 from rich.text import Text
-from scribe_events_cli import ops_cmds, report_cmd, store_cmds
+from scribe_events_cli import bench_cmds, ops_cmds, report_cmd, store_cmds
 from scribe_events_cli.common import (
     client_token,
     console,
@@ -349,7 +349,7 @@ app.add_typer(store_cmds.db_app, name="db")
 app.add_typer(ops_cmds.ban_app, name="ban")
 app.command()(friendly(ops_cmds.connections))
 app.command("push-mode")(friendly(ops_cmds.push_mode))
-app.add_typer(store_cmds.bench_app, name="bench")
+app.add_typer(bench_cmds.bench_app, name="bench")
 app.command()(friendly(store_cmds.purge))
 app.command()(friendly(store_cmds.resend))
 app.command()(store_cmds.keygen)
