@@ -10,8 +10,8 @@ httptools keeps a partly received header to itself before it calls ``on_header``
 counted as they are fed, in ``data_received``. Errors are the contract's JSON, then the socket closes.
 
 Every byte of per-connection state is multiplied by the number of idle streams, so the protocol
-also swaps uvicorn's pipelining ``deque`` (about 760 bytes, almost always empty) for a list, and keeps
-its own state in slots (not in the instance ``__dict__``, whose keys uvicorn already fills).
+also swaps uvicorn's pipelining ``deque`` and its two events' waiter deques (about 760 bytes each,
+almost always empty) for lists, and keeps its own state in slots (not in the instance ``__dict__``, whose keys uvicorn already fills).
 """
 
 from __future__ import annotations
@@ -58,6 +58,13 @@ def error_bytes(
     return b"".join(lines)
 
 
+def _lighter(event: asyncio.Event) -> None:
+    """Keep an ``asyncio.Event``'s waiters in a list: its deque (about 760 bytes) is almost always
+    empty, and every connection has two such events (uvicorn's flow control and request cycle).
+    The event only appends, removes, counts and iterates its waiters, which a list does as well."""
+    event._waiters = []  # type: ignore[assignment]
+
+
 class _Pipeline(list):  # type: ignore[type-arg]
     """The two deque operations uvicorn uses on its request pipeline, on a list."""
 
@@ -101,6 +108,7 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.pipeline = _Pipeline()  # type: ignore[assignment]
+        _lighter(self.flow._is_writable_event)
         if len(self.connections) > self.max_connections:  # uvicorn has just added this one
             self._warn_too_many()
             self._reject(503, "too_many_connections", "this instance has too many open connections; retry")
@@ -143,6 +151,8 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = None
         self._cancel_timer()
         super().on_headers_complete()
+        if self.cycle is not None:
+            _lighter(self.cycle.message_event)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
