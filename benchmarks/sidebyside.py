@@ -9,7 +9,8 @@ there, with ``../shared/bench/nginx-nchan-mem.conf``; without it the Nchan colum
 scribe-events is started as a user would (``scribe-events serve``) on the embedded defaults, and on
 PostgreSQL + Redis for the rows that name them. A knee is searched upwards: the highest rate of the
 list that passes (nothing lost, the rate held, corrected p99 < 100 ms); the search stops at the first
-rate that fails. Every ssebench result is also appended to ``benchmarks/results.jsonl``.
+rate that fails twice in a row. Each server first gets a short warm-up run (not counted). Every
+ssebench result is also appended to ``benchmarks/results.jsonl``.
 """
 
 from __future__ import annotations
@@ -215,14 +216,45 @@ def fanout(
     return run.ssebench("fanout", *args, pid=pid)
 
 
+def warm_up(run: Run, sub: str, pub: str, pid: int | None, *, nchan_: bool) -> None:
+    """A short broadcast before measuring: the first run against a fresh server is slow."""
+    args = ["-target", "broadcast", "-n", "200", "-rate", "20", "-duration", "4s", "-label", "warm-up"]
+    if nchan_:
+        args += ["-sub-url", sub, "-pub-url", pub]
+    else:
+        args += [
+            "-sub-url",
+            sub,
+            "-sub-header-file",
+            str(run.work / "tokens.txt"),
+            "-pub-url",
+            pub,
+            "-pub-header",
+            f"Authorization: Bearer {run.pub}",
+            "-pub-body",
+            TICK % '"broadcast":true',
+        ]
+    subprocess.run(
+        ["taskset", "-c", "1", str(SSEBENCH), "fanout", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+        check=False,
+    )
+
+
 def knee(label: str, rates: list[int], attempt: Any) -> dict[str, Any]:
     """Rates upwards until one fails: each rate's result, and the highest that passed."""
     results: dict[int, dict[str, Any]] = {}
     best = None
     for rate in rates:
         r = attempt(rate)
-        results[rate] = r
         ok = bool(r.get("pass_p99_lt_100ms_zero_loss"))
+        if not ok:  # the machine is shared: a rate fails only if it fails twice
+            log(f"  {label} {rate}/s failed once (p99 {r['latency_from_schedule']['p99_ms']:.0f} ms); again")
+            r = attempt(rate)
+            ok = bool(r.get("pass_p99_lt_100ms_zero_loss"))
+        results[rate] = r
         log(
             f"  {label} {rate}/s: {'PASS' if ok else 'FAIL'} p99(CO) {r['latency_from_schedule']['p99_ms']:.1f} ms, "
             f"achieved {r['publish_rate_achieved']:.0f}/s, lost {r['events_lost']}"
@@ -268,13 +300,20 @@ def main() -> int:
         work = Path(tmp)
         run = Run(work, 1000)
         sub, pub = "http://127.0.0.1:{port}/api/v1/events/stream", "http://127.0.0.1:{port}/api/v1/events"
-        s1_rates = [85, 130, 160] if opts.quick else [85, 130, 160, 200, 250, 300]
+        s1_rates = [85, 130, 160] if opts.quick else [50, 85, 100, 130, 160, 200, 250, 300]
         s2_rates = [1000, 2000] if opts.quick else [1000, 1500, 2000, 2500, 3000, 5000]
         if "s1" in only or "s2" in only or "s3" in only or "s4" in only:
             with nchan(work) as npid:
                 out["nchan"] = npid is not None
                 if npid is not None:
                     log("Nchan")
+                    warm_up(
+                        run,
+                        "http://127.0.0.1:8080/sub/warm",
+                        "http://127.0.0.1:8080/pub/warm",
+                        npid,
+                        nchan_=True,
+                    )
                     if "s1" in only:
                         out["s1_nchan"] = knee(
                             "nchan S1",
@@ -339,6 +378,7 @@ def main() -> int:
             with scribe(work, port) as spid:
                 log("scribe-events (embedded)")
                 s, p = sub.format(port=port), pub.format(port=port)
+                warm_up(run, s, p, spid, nchan_=False)
                 if "s1" in only:
                     out["s1"] = knee(
                         "scribe S1",
@@ -400,6 +440,7 @@ def main() -> int:
             with scribe(work, port, pg=True) as spid:
                 log("scribe-events (PostgreSQL + Redis)")
                 s, p = sub.format(port=port), pub.format(port=port)
+                warm_up(run, s, p, spid, nchan_=False)
                 out["pg_s2"] = knee(
                     "scribe PG S2",
                     s2_rates,
