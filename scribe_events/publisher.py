@@ -329,7 +329,8 @@ class Publisher:
     async def _save_watermark(self) -> None:
         self._saved_at = self._loop_time()
         if self.published_through > self._saved_through:
-            await self.store.set_meta(WATERMARK, self.published_through)
+            # A hint for the relay: lost in a crash, it only makes the relay redo a little.
+            await self.store.set_meta(WATERMARK, self.published_through, durable=False)
             self._saved_through = self.published_through
 
 

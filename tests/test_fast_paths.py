@@ -172,3 +172,31 @@ def test_dumps_is_compact_json(value: object) -> None:
     assert out == json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     with pytest.raises(ValueError):
         dumps(float("nan"))
+
+
+# --- a stream lets go of its request's task ------------------------------------------------------------
+
+
+def test_a_stream_outlives_its_request_task_and_ignores_what_the_client_sends(server: ThreadServer) -> None:
+    """An open stream holds no ASGI task (about 1.3 KB each); bytes the client sends after its
+    request, e.g. a second request, are dropped: nothing may start inside the stream."""
+    with server.stream("alice") as s:
+        s.read_until(lambda ms: any(m.event == "connection.established" for m in ms))
+        tasks = server.call(_request_tasks())
+        assert tasks == 0, tasks
+        s.sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.publish_ok({"type": "custom.after", "user_id": "alice"})
+        s.read_until(lambda ms: any(m.event == "custom.after" for m in ms))
+        assert b"HTTP/1.1 200" not in s.raw.split(b"\r\n\r\n", 1)[1]
+        assert server.connections() == 1
+    deadline = time.monotonic() + 5
+    while server.connections() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.connections() == 0  # the socket's close ended it, with no task to notice
+
+
+async def _request_tasks() -> int:
+    """uvicorn's request tasks still running (this call's own is not one)."""
+    import asyncio
+
+    return sum(1 for t in asyncio.all_tasks() if "run_asgi" in repr(t.get_coro()))

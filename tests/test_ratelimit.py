@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from scribe_events.auth import Principal
+from scribe_events.exceptions import RateLimited
 from scribe_events.ratelimit import RateLimits
 from tests.conftest import MakeServer
 from tests.harness import ThreadServer
@@ -230,3 +231,40 @@ def test_a_burst_of_forged_tokens_from_one_address_makes_one_ban(make_server: Ma
         statuses = list(pool.map(once, range(60)))
     assert set(statuses) == {401}
     assert value(server, "scribe_events_auto_bans_total") == 1
+
+
+def test_publishing_is_counted_by_the_instance_also_with_redis(redis_prefix: str) -> None:
+    """A publish never costs a Redis round trip (a trusted service's limit only stops a runaway one);
+    the other kinds are still counted in Redis, for every instance at once."""
+    import redis as redis_sync
+
+    from scribe_events.config import Settings
+    from tests.conftest import REDIS_URL
+
+    settings = Settings(
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        rate_limit_publish_per_user="2/minute",
+        rate_limit_polling_per_user="5/minute",
+    )
+    limits = RateLimits(settings)
+    publisher = Principal("svc", None, frozenset({"publisher"}), None)
+    reader = Principal("alice", None, frozenset(), None)
+
+    async def run() -> list[bool]:
+        allowed = []
+        for _ in range(3):
+            try:
+                await limits.check("publish", publisher, "10.0.0.1")
+                allowed.append(True)
+            except RateLimited:
+                allowed.append(False)
+        await limits.check("polling", reader, "10.0.0.2")
+        await limits.close()
+        return allowed
+
+    assert asyncio.run(run()) == [True, True, False]
+    client = redis_sync.Redis.from_url(REDIS_URL)
+    keys = [k.decode() for k in client.scan_iter(match=redis_prefix + "*")]
+    client.close()
+    assert keys and all("publish" not in k for k in keys) and any("polling" in k for k in keys), keys

@@ -478,10 +478,15 @@ class SQLEventStore(SQLUpkeep, EventStore):
         value = await self._scalar(sa.select(store_meta.c.value).where(store_meta.c.key == key))
         return int(value or 0)
 
-    async def set_meta(self, key: str, value: int, *, only_up: bool = True) -> None:
-        """Set a watermark; with ``only_up`` it never moves backwards."""
+    async def set_meta(self, key: str, value: int, *, only_up: bool = True, durable: bool = True) -> None:
+        """Set a watermark; with ``only_up`` it never moves backwards. Not ``durable``: on PostgreSQL
+        the commit does not wait for the WAL flush (a crash may lose the newest value, never an
+        event: for a hint such as the publish watermark, whose loss only makes the relay redo a
+        little, this saves one fsync per batch)."""
         try:
             async with self._engine.begin() as conn:
+                if not durable and self.dialect == "postgresql":
+                    await conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
                 await retention.set_meta(conn, key, value, only_up=only_up)
         except (SQLAlchemyError, OSError) as exc:
             raise fail("be written", exc) from exc

@@ -58,6 +58,12 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
     conn = await _open(runtime, scope, send)
     if conn is None:
         return
+    protocol = scope.get("extensions", {}).get(PROTOCOL_EXTENSION)
+    if protocol is not None and not isinstance(conn.sink, AsgiSink):
+        # Written straight to the transport from here on: this task ends, the stream goes on.
+        if not protocol.detach(functools.partial(runtime.hub.remove, conn, "client_closed")):
+            runtime.hub.remove(conn, "client_closed")
+        return
     try:
         if isinstance(conn.sink, AsgiSink):
             await conn.sink.wait_closed(receive)
