@@ -300,7 +300,7 @@ def main() -> int:
         work = Path(tmp)
         run = Run(work, 1000)
         sub, pub = "http://127.0.0.1:{port}/api/v1/events/stream", "http://127.0.0.1:{port}/api/v1/events"
-        s1_rates = [85, 130, 160] if opts.quick else [50, 85, 100, 130, 160, 200, 250, 300]
+        s1_rates = [85, 130, 160] if opts.quick else [40, 50, 60, 70, 85, 100, 130, 160, 200]
         s2_rates = [1000, 2000] if opts.quick else [1000, 1500, 2000, 2500, 3000, 5000]
         if "s1" in only or "s2" in only or "s3" in only or "s4" in only:
             with nchan(work) as npid:
