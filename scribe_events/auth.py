@@ -65,7 +65,7 @@ class TokenVerifier:
         and their JSON cost more than the rest of a publish request."""
         known = self._verified.get(token)
         if known is not None:
-            if known.expires_at is not None and known.expires_at > time.time():
+            if known.expires_at is not None and int(known.expires_at) > time.time():  # as PyJWT
                 return known
             del self._verified[token]  # expired: the full check below says so
         principal = self._verify(token)

@@ -5,6 +5,7 @@ before FastAPI, verified tokens remembered, rate limits counted in this process 
 from __future__ import annotations
 
 import json
+import socket
 import time
 from datetime import UTC, datetime
 
@@ -21,6 +22,7 @@ from scribe_events.exceptions import InvalidToken
 from scribe_events.ratelimit import LocalWindows
 from tests.conftest import MakeServer
 from tests.harness import ThreadServer
+from tests.test_metrics import scrape
 
 SECRET = "fast-path-secret-fast-path-secret-0123456789"
 
@@ -182,7 +184,9 @@ def test_a_stream_outlives_its_request_task_and_ignores_what_the_client_sends(se
     request, e.g. a second request, are dropped: nothing may start inside the stream."""
     with server.stream("alice") as s:
         s.read_until(lambda ms: any(m.event == "connection.established" for m in ms))
-        tasks = server.call(_request_tasks())
+        deadline = time.monotonic() + 5  # the greeting is written before the task ends
+        while (tasks := server.call(_request_tasks())) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert tasks == 0, tasks
         s.sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
         server.publish_ok({"type": "custom.after", "user_id": "alice"})
@@ -200,3 +204,59 @@ async def _request_tasks() -> int:
     import asyncio
 
     return sum(1 for t in asyncio.all_tasks() if "run_asgi" in repr(t.get_coro()))
+
+
+def test_an_event_over_the_size_limit_keeps_the_publishers_connection(server: ThreadServer) -> None:
+    """The whole body was read: a 413 about one event's data does not close a pooled connection
+    (only a body cut off by the reader's own limit does)."""
+    h = {"Authorization": f"Bearer {server.token('svc', roles=['publisher'])}"}
+    with httpx.Client(base_url=server.url, headers=h) as client:
+        big = client.post(
+            "/api/v1/events", json={"type": "custom.big", "user_id": "u", "data": {"x": "a" * 70_000}}
+        )
+        assert big.status_code == 413 and big.headers.get("connection") != "close"
+        assert big.json()["error"]["code"] == "payload_too_large"
+        assert client.post("/api/v1/events", json={"type": "custom.ok", "user_id": "u"}).status_code == 202
+
+
+def test_a_publisher_that_leaves_mid_body_is_not_answered_or_counted(server: ThreadServer) -> None:
+    before = scrape(server)
+    token = server.token("svc", roles=["publisher"])
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            b"POST /api/v1/events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {token}\r\nContent-Length: 100\r\n\r\n".encode()
+            + b'{"type":"custom.a"'
+        )
+        time.sleep(0.2)
+    time.sleep(0.3)
+    after = scrape(server)
+    answered = [  # (the scrapes themselves are 200s)
+        k
+        for k in after
+        if k.startswith("scribe_events_http_responses_total")
+        and 'code="200"' not in k
+        and after[k] != before.get(k)
+    ]
+    assert answered == [], answered
+
+
+def test_a_request_pipelined_behind_a_stream_leaves_the_stream_open(server: ThreadServer) -> None:
+    """Sent in one segment with the stream's request, a second request already has uvicorn's cycle
+    when the stream would let go of its task: the stream then keeps its task, and stays open."""
+    token = server.token("alice")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            f"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        sock.settimeout(5)
+        got = b""
+        while b"connection.established" not in got:
+            got += sock.recv(65536)
+        server.publish_ok({"type": "custom.after", "user_id": "alice"})
+        while b"custom.after" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, got  # the server closed the stream
+            got += chunk
+        assert server.connections() == 1

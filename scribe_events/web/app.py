@@ -97,8 +97,8 @@ class ScribeApp:
                 and self.runtime is not None
             ):
                 message = await receive()
-                body = message.get("body", b"") if message["type"] == "http.request" else b""
-                await publish.handle(self.runtime, scope, body, send)
+                if message["type"] == "http.request":  # else the client left: nobody to answer
+                    await publish.handle(self.runtime, scope, message.get("body", b""), send)
                 return
         await self.api(scope, receive, send)  # type: ignore[arg-type]
 

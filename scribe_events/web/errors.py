@@ -40,14 +40,21 @@ def _body(code: str, message: str) -> dict[str, Any]:
 
 
 async def send_error(
-    send: Any, exc: ScribeEventsError, extra_headers: Sequence[tuple[bytes, bytes]] = ()
+    send: Any,
+    exc: ScribeEventsError,
+    extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    *,
+    body_read: bool = False,
 ) -> None:
-    """Answer a raw ASGI request with the contract's error (used by the stream route)."""
+    """Answer a raw ASGI request with the contract's error (the stream, publishing, the body reader).
+    ``body_read``: the whole body was read, so the connection may go on whatever the error."""
     body = json.dumps(exc.body()).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in exc.headers().items()]
     headers += list(extra_headers)
-    if exc.status in (408, 413):  # the body was not read to its end: the connection cannot go on
+    if (
+        exc.status in (408, 413) and not body_read
+    ):  # the body was not read to its end: the connection cannot go on
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

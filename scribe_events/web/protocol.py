@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -39,6 +39,7 @@ WARN_EVERY_S = 10.0
 
 log = logging.getLogger("scribe_events.web")
 _last_warning = 0.0
+Detach = Literal["detached", "gone", "queued"]
 
 
 def error_bytes(
@@ -126,19 +127,23 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         if on_lost is not None:
             on_lost()
 
-    def detach(self, on_lost: Callable[[], None]) -> bool:
+    def detach(self, scope: dict[str, Any], on_lost: Callable[[], None]) -> Detach:
         """Let the request's ASGI task end while its response goes on, written straight to the
         transport (a stream): no task, coroutine frames or waiter are held per idle stream, about
         1.3 KB. ``on_lost`` is called when the socket closes; anything the client still sends is
         dropped (an SSE client sends nothing, and no second response may start inside the stream).
-        False if the client has already gone."""
+        ``"gone"``: the client has left; ``"queued"``: a request pipelined behind this one already
+        has its cycle, so this one cannot be let go (its task waits for the disconnect as before)."""
         cycle = self.cycle
         if cycle is None or cycle.disconnected or self.transport.is_closing():
-            return False
+            return "gone"
+        # (The app may have copied the scope, e.g. with a forwarded client: its extensions are ours.)
+        if cycle.scope.get("extensions") is not scope.get("extensions") or self.pipeline:
+            return "queued"
         self.on_lost = on_lost
         self._detached = True
         cycle.response_complete = True  # for uvicorn: nothing more goes through this cycle
-        return True
+        return "detached"
 
     def data_received(self, data: bytes) -> None:
         if self._rejected or self._detached:

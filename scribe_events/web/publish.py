@@ -92,11 +92,11 @@ async def handle(rt: Runtime, scope: dict[str, Any], body: bytes, send: Any) -> 
         rt.requests.refused(exc)
         if exc.status >= 500:
             log.warning("%s: %s", exc.code, exc.message)
-        await send_error(send, exc, cors)
+        await send_error(send, exc, cors, body_read=True)
         return
     except Exception as exc:  # as FastAPI's last handler: logged, answered 500 in the contract's form
         log.error("unexpected error", exc_info=exc)
-        await send_error(send, INTERNAL_ERROR, cors)
+        await send_error(send, INTERNAL_ERROR, cors, body_read=True)
         return
     answer = ids_body(ids)
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(answer)), *cors]
