@@ -50,9 +50,8 @@ MUTANTS ?=
 mutation: $(STAMP)         ## mutmut on hub, store, publisher and broker (MUTANTS= a name glob)
 	$(BIN)/mutmut run $(MUTANTS)
 
-bench: $(STAMP)            ## ssebench S1 (broadcast) and S3 (idle memory); see benchmarks/README.md
-	benchmarks/ssebench.sh s1 50
-	benchmarks/ssebench.sh s3 10000
+bench: $(STAMP)            ## every scenario beside Nchan, the rows of BENCHMARKS.md (about 15 minutes); see benchmarks/README.md
+	$(BIN)/python benchmarks/sidebyside.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis mutants *.egg-info
