@@ -126,6 +126,12 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         on_lost, self.on_lost = self.on_lost, None
         if on_lost is not None:
             on_lost()
+        # Break the cycles through this protocol (its scope's extensions, the stream's drain hook),
+        # so a closed connection is freed at once, not by a full collection that must walk every
+        # live object: after a thousand streams closed, that pause lasted hundreds of milliseconds.
+        self.on_writable = None
+        if self.scope is not None:
+            self.scope.pop("extensions", None)
 
     def detach(self, scope: dict[str, Any], on_lost: Callable[[], None]) -> Detach:
         """Let the request's ASGI task end while its response goes on, written straight to the
