@@ -58,14 +58,6 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
     conn = await _open(runtime, scope, send)
     if conn is None:
         return
-    protocol = scope.get("extensions", {}).get(PROTOCOL_EXTENSION)
-    if protocol is not None and not isinstance(conn.sink, AsgiSink):
-        # Written straight to the transport from here on: this task ends, the stream goes on.
-        detached = protocol.detach(scope, functools.partial(runtime.hub.remove, conn, "client_closed"))
-        if detached != "queued":
-            if detached == "gone":
-                runtime.hub.remove(conn, "client_closed")
-            return
     try:
         if isinstance(conn.sink, AsgiSink):
             await conn.sink.wait_closed(receive)
