@@ -196,44 +196,34 @@ def fanout(
         "-label",
         f"{base} {target} {rate}",
     ]
-    if nchan_:
-        body = '{"ts":{ts},"seq":{seq},"run":{run}}'
-        args += ["-sub-url", sub, "-pub-url", pub, "-pub-body", body]
-    else:
-        audience = '"broadcast":true' if target == "broadcast" else '"user_id":"u{i}"'
-        args += [
-            "-sub-url",
-            sub,
-            "-sub-header-file",
-            str(run.work / "tokens.txt"),
-            "-pub-url",
-            pub,
-            "-pub-header",
-            f"Authorization: Bearer {run.pub}",
-            "-pub-body",
-            TICK % audience,
-        ]
+    audience = '"broadcast":true' if target == "broadcast" else '"user_id":"u{i}"'
+    args += endpoints(run, sub, pub, audience, nchan_=nchan_)
     return run.ssebench("fanout", *args, pid=pid)
+
+
+def endpoints(run: Run, sub: str, pub: str, audience: str, *, nchan_: bool) -> list[str]:
+    """ssebench's stream and publish arguments: Nchan's bare channels, or scribe-events with the
+    users' tokens, the publisher's and a ``bench.tick`` for ``audience``."""
+    if nchan_:
+        return ["-sub-url", sub, "-pub-url", pub, "-pub-body", '{"ts":{ts},"seq":{seq},"run":{run}}']
+    return [
+        "-sub-url",
+        sub,
+        "-sub-header-file",
+        str(run.work / "tokens.txt"),
+        "-pub-url",
+        pub,
+        "-pub-header",
+        f"Authorization: Bearer {run.pub}",
+        "-pub-body",
+        TICK % audience,
+    ]
 
 
 def warm_up(run: Run, sub: str, pub: str, pid: int | None, *, nchan_: bool) -> None:
     """A short broadcast before measuring: the first run against a fresh server is slow."""
     args = ["-target", "broadcast", "-n", "200", "-rate", "20", "-duration", "4s", "-label", "warm-up"]
-    if nchan_:
-        args += ["-sub-url", sub, "-pub-url", pub]
-    else:
-        args += [
-            "-sub-url",
-            sub,
-            "-sub-header-file",
-            str(run.work / "tokens.txt"),
-            "-pub-url",
-            pub,
-            "-pub-header",
-            f"Authorization: Bearer {run.pub}",
-            "-pub-body",
-            TICK % '"broadcast":true',
-        ]
+    args += endpoints(run, sub, pub, '"broadcast":true', nchan_=nchan_)
     subprocess.run(
         ["taskset", "-c", "1", str(SSEBENCH), "fanout", *args],
         stdout=subprocess.DEVNULL,

@@ -11,7 +11,8 @@ counted as they are fed, in ``data_received``. Errors are the contract's JSON, t
 
 Every byte of per-connection state is multiplied by the number of idle streams, so the protocol
 also swaps uvicorn's pipelining ``deque`` and its two events' waiter deques (about 760 bytes each,
-almost always empty) for lists, and keeps its own state in slots (not in the instance ``__dict__``, whose keys uvicorn already fills).
+almost always empty) for lists, and keeps its own state in slots (not in the instance
+``__dict__``, whose keys uvicorn already fills).
 """
 
 from __future__ import annotations
