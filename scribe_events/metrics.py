@@ -296,7 +296,7 @@ class RuntimeCollector:
         yield gauge_("scribe_events_broker_up", "1 when the broker subscription is up.", float(broker.up))
         yield gauge_(
             "scribe_events_redis_connections",
-            "Connections the instance's Redis command pool holds (0 without Redis).",
+            "Open connections in the instance's Redis command pool, idle and in use (0 without Redis).",
             pool_size(getattr(rt.state, "client", None)),
         )
         yield counter_(

@@ -590,3 +590,26 @@ def test_redis_failed_logins_across_instances_ban_the_address_on_both(
                 httpx.get(s.url + "/api/v1/events", headers=good).status_code == 200 for s in (one, two)
             )
         )
+
+
+def test_redis_pool_gauge_counts_open_connections_only(redis_prefix: str) -> None:
+    """The pool keeps the objects of connections it closed; the gauge (and the fault suite's fd
+    check, which subtracts it) counts sockets, so a closed one is not counted."""
+    from scribe_events.constants import pool_size, redis_client
+
+    async def run() -> tuple[int, int, int]:
+        client = redis_client(REDIS_URL, max_connections=4)
+        try:
+            await asyncio.gather(*(client.ping() for _ in range(3)))
+            opened = pool_size(client)
+            await client.connection_pool.disconnect()
+            closed = pool_size(client)
+            await client.ping()
+            return opened, closed, pool_size(client)
+        finally:
+            await client.aclose()
+
+    opened, closed, again = asyncio.run(run())
+    assert opened >= 1
+    assert closed == 0
+    assert again == 1

@@ -74,6 +74,7 @@ class Cluster:
             for k in range(n)
         ]
         self.fd_baseline: dict[int, int] = {}
+        self.fd_kinds: dict[int, dict[str, int]] = {}
         self.dead: set[int] = set()
 
     def start(self) -> Cluster:
@@ -143,6 +144,7 @@ class Cluster:
             wait_for(lambda s=s: _connections(s) == 0, timeout=5)
         time.sleep(0.3)
         self.fd_baseline = {s.port: fd_count(s) - redis_pool(s) for s in self.servers}
+        self.fd_kinds = {s.port: dict(fd_kinds(s)) for s in self.servers}
 
 
 async def _migrate(url: str, schema: str) -> None:
@@ -164,6 +166,46 @@ def redis_pool(server: ProcessServer) -> int:
 def fd_count(server: ProcessServer) -> int:
     assert server.proc is not None
     return len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+
+
+def _tcp_table(pid: int) -> dict[str, tuple[int, int, str]]:
+    """The kernel's TCP sockets as the process sees them: inode -> (local port, remote port, state)."""
+    table: dict[str, tuple[int, int, str]] = {}
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{name}") as fh:
+            next(fh)
+            for line in fh:
+                cols = line.split()
+                local, remote = (int(c.rsplit(":", 1)[1], 16) for c in cols[1:3])
+                table[cols[9]] = (local, remote, cols[3])
+    return table
+
+
+def _fd_links(pid: int) -> list[str]:
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return links
+
+
+def fd_kinds(server: ProcessServer) -> Counter[str]:
+    """The instance's open fds by what they are: a TCP peer's port (PostgreSQL's, else "peer") and
+    state, a listening port, else the link's kind (pipe, anon_inode, a file). Said when a baseline
+    check fails, beside the same count at the baseline."""
+    assert server.proc is not None
+    table = _tcp_table(server.proc.pid)
+    kinds: Counter[str] = Counter()
+    for link in _fd_links(server.proc.pid):
+        found = re.fullmatch(r"socket:\[(\d+)\]", link)
+        if found is None:
+            kinds[re.sub(r"[:\[].*", "", link)] += 1
+        elif found.group(1) not in table:
+            kinds["socket"] += 1
+        else:
+            local, remote, state = table[found.group(1)]
+            kinds[f"listen:{local}" if state == "0A" else f"tcp:{remote if remote == 5432 else 'peer'}"] += 1
+    return kinds
 
 
 def _connections(server: ProcessServer) -> int:
@@ -203,7 +245,8 @@ def check_baselines(cluster: Cluster, timeout: float = 6.0) -> dict[str, object]
             )
         except TimeoutError:
             raise AssertionError(
-                f"{s.url}: {fd_count(s)} fds open ({redis_pool(s)} in the Redis pool), baseline {base} besides it"
+                f"{s.url}: {fd_count(s)} fds open ({redis_pool(s)} in the Redis pool), baseline {base} besides it;"
+                f" now {dict(fd_kinds(s))}, at the baseline {cluster.fd_kinds[s.port]}"
             ) from None
         report[s.url] = {"fds": fd_count(s), "baseline": base}
         assert crashes(s) == {}, f"{s.url}: background tasks crashed: {crashes(s)}"
@@ -234,24 +277,12 @@ def stored(schema: str, key: str) -> tuple[int, int]:
 def pg_client_ports(pid: int, pg_port: int = 5432) -> list[int]:
     """Local ports of this process's TCP connections to PostgreSQL (its fds' socket inodes matched
     against the kernel's TCP table), to find exactly its backends in pg_stat_activity."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
-    ports = []
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/{pid}/net/{table}") as fh:
-            next(fh)
-            for line in fh:
-                cols = line.split()
-                local, remote, inode = cols[1], cols[2], cols[9]
-                if inode in inodes and int(remote.rsplit(":", 1)[1], 16) == pg_port:
-                    ports.append(int(local.rsplit(":", 1)[1], 16))
-    return ports
+    inodes = {link[8:-1] for link in _fd_links(pid) if link.startswith("socket:[")}
+    return [
+        local
+        for inode, (local, remote, _) in _tcp_table(pid).items()
+        if inode in inodes and remote == pg_port
+    ]
 
 
 async def _terminate(ports: list[int]) -> int:
