@@ -21,7 +21,7 @@ from scribe_events.events import dumps, rfc3339
 from scribe_events.exceptions import InvalidToken
 from scribe_events.ratelimit import LocalWindows
 from tests.conftest import MakeServer
-from tests.harness import ThreadServer
+from tests.harness import ThreadServer, wait_for
 from tests.test_metrics import scrape
 
 SECRET = "fast-path-secret-fast-path-secret-0123456789"
@@ -176,6 +176,36 @@ def test_dumps_is_compact_json(value: object) -> None:
         dumps(float("nan"))
 
 
+# --- a stream lets go of its request's task ------------------------------------------------------------
+
+
+def test_a_stream_outlives_its_request_task_and_ignores_what_the_client_sends(server: ThreadServer) -> None:
+    """An open stream holds no ASGI task (about 1.3 KB each); bytes the client sends after its
+    request, e.g. a second request, are dropped: nothing may start inside the stream."""
+    with server.stream("alice") as s:
+        s.read_until(lambda ms: any(m.event == "connection.established" for m in ms))
+        deadline = time.monotonic() + 5  # the greeting is written before the task ends
+        while (tasks := server.call(_request_tasks())) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert tasks == 0, tasks
+        s.sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.publish_ok({"type": "custom.after", "user_id": "alice"})
+        s.read_until(lambda ms: any(m.event == "custom.after" for m in ms))
+        assert b"HTTP/1.1 200" not in s.raw.split(b"\r\n\r\n", 1)[1]
+        assert server.connections() == 1
+    deadline = time.monotonic() + 5
+    while server.connections() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.connections() == 0  # the socket's close ended it, with no task to notice
+
+
+async def _request_tasks() -> int:
+    """uvicorn's request tasks still running (this call's own is not one)."""
+    import asyncio
+
+    return sum(1 for t in asyncio.all_tasks() if "run_asgi" in repr(t.get_coro()))
+
+
 def test_an_event_over_the_size_limit_keeps_the_publishers_connection(server: ThreadServer) -> None:
     """The whole body was read: a 413 about one event's data does not close a pooled connection
     (only a body cut off by the reader's own limit does)."""
@@ -209,6 +239,29 @@ def test_a_publisher_that_leaves_mid_body_is_not_answered_or_counted(server: Thr
         and after[k] != before.get(k)
     ]
     assert answered == [], answered
+
+
+def test_a_request_pipelined_behind_a_stream_leaves_the_stream_open(server: ThreadServer) -> None:
+    """Sent in one segment with the stream's request, a second request already has uvicorn's cycle
+    when the stream would let go of its task: the stream then keeps its task, and stays open."""
+    token = server.token("alice")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(
+            f"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
+            + b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        sock.settimeout(5)
+        got = b""
+        while b"connection.established" not in got:
+            got += sock.recv(65536)
+        server.publish_ok({"type": "custom.after", "user_id": "alice"})
+        while b"custom.after" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, got  # the server closed the stream
+            got += chunk
+        assert server.connections() == 1
+    # uvicorn tells only the queued request of the disconnect: the stream's task heard of it anyway
+    wait_for(lambda: server.connections() == 0 and server.call(_request_tasks()) == 0, timeout=5)
 
 
 def test_a_closed_stream_leaves_no_cyclic_garbage(server: ThreadServer) -> None:

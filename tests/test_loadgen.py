@@ -71,6 +71,8 @@ def test_loadgen_s1_broadcast_delivers_every_event_to_every_subscriber(
         "1.5",
         "--settle",
         "0.2",
+        "--p99-limit",
+        "60000",  # this checks what arrived, not how fast: the suite's machine is busy
         "--json",
     )
     result = _result(out)
@@ -104,6 +106,8 @@ def test_loadgen_s2_targeted_over_two_processes_reaches_only_the_addressee(
         "2",
         "--settle",
         "0.2",
+        "--p99-limit",
+        "60000",
         "--json",
     )
     result = _result(out)
@@ -195,7 +199,9 @@ class DroppingServer:
     """A generic SSE server, not scribe-events: ``GET /sub/<i>`` streams (no chunking, CRLF line
     ends), ``POST /pub`` sends its body as ``data:`` to every stream, except the event with seq 3."""
 
-    def __init__(self) -> None:
+    def __init__(self, drop: int | None = 3, delay_s: float = 0.0) -> None:
+        self.drop = drop  # the seq not sent on
+        self.delay_s = delay_s  # before each event is sent on
         self.loop = asyncio.new_event_loop()
         self.streams: set[asyncio.StreamWriter] = set()
         self.port = 0
@@ -233,7 +239,8 @@ class DroppingServer:
                     return
                 length = int(head.lower().split("content-length:")[1].split("\r\n")[0])
                 body = await reader.readexactly(length)
-                if json.loads(body)["seq"] != 3:
+                if json.loads(body)["seq"] != self.drop:
+                    await asyncio.sleep(self.delay_s)
                     for stream in self.streams:
                         stream.write(b"data: " + body + b"\r\n\r\n")
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -273,6 +280,30 @@ def test_loadgen_counts_an_event_a_server_drops_as_lost_and_fails(tmp_path: Path
     assert result["expected"] == 50 and result["received"] == 45 and result["lost"] == 5
     assert result["comment_lines"] == 5 and result["duplicated"] == 0
     assert "Traceback" not in out.stderr
+
+
+def test_loadgen_p99_limit_decides_the_verdict(tmp_path: Path) -> None:
+    """Every event arrives 40 ms late: under ssebench's 100 ms that passes, under --p99-limit 20 not."""
+    outs = []
+    for limit in ("100", "20"):
+        with DroppingServer(drop=None, delay_s=0.04) as other:
+            base = f"http://127.0.0.1:{other.port}"
+            outs.append(
+                cli(
+                    "bench", "s1", "--sub-url", base + "/sub/{i}", "--pub-url", base + "/pub",
+                    "-n", "3", "--rate", "10", "--duration", "0.5", "--settle", "0.1", "--drain", "0.5",
+                    "--p99-limit", limit, "--json",
+                    cwd=tmp_path,
+                )
+            )  # fmt: skip
+    passed, failed = (json.loads(o.stdout) for o in outs)
+    assert outs[0].returncode == 0 and passed["pass"], passed["fail_reasons"]
+    assert passed["latency_corrected"]["p50_ms"] >= 40
+    assert outs[1].returncode == 1 and not failed["pass"]
+    assert [r for r in failed["fail_reasons"] if r.startswith("corrected p99")] == [
+        f"corrected p99 {failed['latency_corrected']['p99_ms']:.1f} ms >= 20 ms"
+    ]
+    assert failed["lost"] == 0
 
 
 def test_loadgen_unreachable_server_is_one_line_and_exit_1(tmp_path: Path) -> None:

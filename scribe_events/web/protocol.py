@@ -22,7 +22,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -40,6 +40,7 @@ WARN_EVERY_S = 10.0
 
 log = logging.getLogger("scribe_events.web")
 _last_warning = 0.0
+Detach = Literal["detached", "gone", "queued"]
 
 
 def error_bytes(
@@ -74,7 +75,7 @@ class _Pipeline(list):  # type: ignore[type-arg]
 
 
 class StreamingHttpToolsProtocol(HttpToolsProtocol):
-    __slots__ = ("_head_bytes", "_rejected", "_timer", "on_writable")
+    __slots__ = ("_detached", "_head_bytes", "_rejected", "_timer", "on_lost", "on_writable")
 
     # The limits; build_server uses a subclass with the configured ones (see ``configured``).
     max_header_bytes: ClassVar[int] = Settings.model_fields["max_header_bytes"].default
@@ -100,6 +101,9 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._rejected = False
         self.on_writable: Callable[[], None] | None = None
+        # A stream the app has let go of (see detach): told when the socket closes.
+        self.on_lost: Callable[[], None] | None = None
+        self._detached = False
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -120,6 +124,11 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         super().connection_lost(exc)
+        on_lost, self.on_lost = self.on_lost, None
+        if on_lost is not None:
+            # Once the transport is closed (as a request task would learn of it): a write in between
+            # then raises, and the hub takes that as the client leaving, not as a cut.
+            self.loop.call_soon(on_lost)
         # Break the cycles through this protocol (its scope's extensions, the stream's drain hook),
         # so a closed connection is freed at once, not by a full collection that must walk every
         # live object: after a thousand streams closed, that pause lasted hundreds of milliseconds.
@@ -127,9 +136,31 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         if self.scope is not None:
             self.scope.pop("extensions", None)
 
+    def detach(self, scope: dict[str, Any], on_lost: Callable[[], None]) -> Detach:
+        """Let the request's ASGI task end while its response goes on, written straight to the
+        transport (a stream): no task, coroutine frames or waiter are held per idle stream, about
+        1.3 KB. ``on_lost`` is called when the socket closes; anything the client still sends is
+        dropped (an SSE client sends nothing, and no second response may start inside the stream).
+        ``"gone"``: the client has left; ``"queued"``: a request pipelined behind this one already
+        has its cycle, so this one cannot be let go: its task waits, and sets ``on_lost`` itself (uvicorn
+        would tell only the queued request's cycle of the disconnect)."""
+        cycle = self.cycle
+        if cycle is None or cycle.disconnected or self.transport.is_closing():
+            return "gone"
+        # (The app may have copied the scope, e.g. with a forwarded client: its extensions are ours.)
+        self._detached = True  # what the client sends from now on is dropped
+        if cycle.scope.get("extensions") is not scope.get("extensions") or self.pipeline:
+            # uvicorn stopped reading when the request was queued: read again (and drop what comes),
+            # or the socket's close would be noticed only by a write failing.
+            self.flow.resume_reading()
+            return "queued"
+        self.on_lost = on_lost
+        cycle.response_complete = True  # for uvicorn: nothing more goes through this cycle
+        return "detached"
+
     def data_received(self, data: bytes) -> None:
-        if self._rejected:
-            return  # answered with an error: drop what still comes (see _reject)
+        if self._rejected or self._detached:
+            return  # answered with an error (see _reject), or a stream (see detach): drop what comes
         limit = self.max_header_bytes
         start = 0
         while start < len(data) and not self._rejected and not self.transport.is_closing():

@@ -58,6 +58,28 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
     conn = await _open(runtime, scope, send)
     if conn is None:
         return
+    protocol = scope.get("extensions", {}).get(PROTOCOL_EXTENSION)
+    if protocol is not None and not isinstance(conn.sink, AsgiSink):
+        # Written straight to the transport from here on: this task ends, the stream goes on.
+        detached = protocol.detach(scope, lambda: runtime.hub.remove(conn, "client_closed"))
+        if detached == "gone":
+            runtime.hub.remove(conn, "client_closed")
+        if detached != "queued":
+            return
+        # A request pipelined behind the stream holds uvicorn's cycle, and uvicorn tells only that
+        # cycle of a disconnect: this task waits for the socket's close itself, not for receive().
+        gone: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def lost() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        protocol.on_lost = lost
+        try:
+            await gone
+        finally:
+            runtime.hub.remove(conn, "client_closed")
+        return
     try:
         if isinstance(conn.sink, AsgiSink):
             await conn.sink.wait_closed(receive)
