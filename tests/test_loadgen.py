@@ -197,7 +197,8 @@ def test_loadgen_publish_alone_needs_no_subscriber_tokens(server: ThreadServer, 
 
 class DroppingServer:
     """A generic SSE server, not scribe-events: ``GET /sub/<i>`` streams (no chunking, CRLF line
-    ends), ``POST /pub`` sends its body as ``data:`` to every stream, except the event with seq 3."""
+    ends), ``POST /pub`` sends its body as ``data:`` to every stream, ``delay_s`` later, except the
+    event with seq ``drop`` (3 unless told; None: every event)."""
 
     def __init__(self, drop: int | None = 3, delay_s: float = 0.0) -> None:
         self.drop = drop  # the seq not sent on
@@ -283,9 +284,10 @@ def test_loadgen_counts_an_event_a_server_drops_as_lost_and_fails(tmp_path: Path
 
 
 def test_loadgen_p99_limit_decides_the_verdict(tmp_path: Path) -> None:
-    """Every event arrives 40 ms late: under ssebench's 100 ms that passes, under --p99-limit 20 not."""
+    """Every event arrives 40 ms late: under --p99-limit 1000 that passes, under 20 not (1000, not
+    ssebench's 100, so that a busy machine's own delays cannot turn the passing run into a failure)."""
     outs = []
-    for limit in ("100", "20"):
+    for limit in ("1000", "20"):
         with DroppingServer(drop=None, delay_s=0.04) as other:
             base = f"http://127.0.0.1:{other.port}"
             outs.append(

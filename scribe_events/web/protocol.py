@@ -147,8 +147,8 @@ class StreamingHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None or cycle.disconnected or self.transport.is_closing():
             return "gone"
-        # (The app may have copied the scope, e.g. with a forwarded client: its extensions are ours.)
         self._detached = True  # what the client sends from now on is dropped
+        # (The app may have copied the scope, e.g. with a forwarded client: its extensions are ours.)
         if cycle.scope.get("extensions") is not scope.get("extensions") or self.pipeline:
             # uvicorn stopped reading when the request was queued: read again (and drop what comes),
             # or the socket's close would be noticed only by a write failing.
