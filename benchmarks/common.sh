@@ -5,7 +5,7 @@ root="$(dirname "$here")"
 shared="${SCRIBE_SHARED:-$root/../shared}"
 B="${SSEBENCH:-/tmp/ssebench/ssebench}"
 PY="${PYTHON:-$root/.venv/bin/python}"
-SE="$root/.venv/bin/scribe-events"
+SE="${SCRIBE_EVENTS_BIN:-$root/.venv/bin/scribe-events}"
 work="$(mktemp -d)"
 export SCRIBE_EVENTS_JWT_SECRET="bench-secret-bench-secret-bench-secret-0123456789"
 export SCRIBE_EVENTS_ACCESS_LOG=false SCRIBE_EVENTS_LOG_LEVEL=warning

@@ -15,16 +15,6 @@ from scribe_events_cli.durations import parse_since
 from scribe_events_cli.ops_cmds import JsonOpt, TokenOpt, UrlOpt, _call
 
 from scribe_events.client import ClientError
-from scribe_events.report import (
-    build_report,
-    family_rows,
-    fmt_span,
-    fmt_value,
-    overview_rows,
-    problem_rows,
-    time_rows,
-)
-from scribe_events.report_html import render_html
 
 HISTORY = "/api/v1/admin/history"
 
@@ -51,6 +41,11 @@ def report(
 ) -> None:
     """Connections, event rates, latency, failures, costs and tuning advice from the servers'
     metrics history (admin token)."""
+    # Here, not with the module: the metrics' modules (prometheus_client, redis) cost every other
+    # command's start-up.
+    from scribe_events.report import build_report
+    from scribe_events.report_html import render_html
+
     since_s = since_seconds(since)
     settings = load_settings(url=url)
     params: dict[str, Any] = {"since_s": round(since_s, 3)}
@@ -77,6 +72,8 @@ def report(
 
 
 def show(data: dict[str, Any], out: Console) -> None:
+    from scribe_events.report import family_rows, fmt_span, fmt_value, overview_rows, problem_rows, time_rows
+
     """The report as Rich tables; every text from the server shown literally."""
     start = datetime.fromtimestamp(data["start"], UTC).strftime("%Y-%m-%d %H:%M")
     end = datetime.fromtimestamp(data["now"], UTC).strftime("%H:%M")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,15 +26,19 @@ from scribe_events import client
 from scribe_events.config import Settings
 from scribe_events.crypto import new_key
 from scribe_events.events import now_ms, rfc3339
-from scribe_events.store import make_store, migrate
-from scribe_events.store.retention import cutoff_for
-from scribe_events.store.sql import SQLEventStore
+
+if TYPE_CHECKING:
+    from scribe_events.store.sql import SQLEventStore
 
 db_app = typer.Typer(help="The event store's schema (Alembic migrations).", no_args_is_help=True)
 
 
 def _store(settings: Settings) -> SQLEventStore:
-    """The configured store, never migrating by itself (``db upgrade`` does that explicitly)."""
+    """The configured store, never migrating by itself (``db upgrade`` does that explicitly).
+    (SQLAlchemy and Alembic are imported here, not with the module: every other command starts
+    without them, about 0.6 s sooner.)"""
+    from scribe_events.store import make_store
+
     return make_store(settings.model_copy(update={"auto_migrate": False}))
 
 
@@ -44,6 +48,8 @@ def db_upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
 ) -> None:
     """Migrate the database (SCRIBE_EVENTS_DATABASE_URL) to the newest schema."""
+    from scribe_events.store import migrate
+
     settings = load_settings()
     store = _store(settings)
 
@@ -70,6 +76,8 @@ def db_upgrade(
 @friendly
 def db_current(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """Show the database's schema revision and the one this version needs."""
+    from scribe_events.store import migrate
+
     settings = load_settings()
     store = _store(settings)
 
@@ -103,6 +111,8 @@ def purge(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Delete stored events older than an age, straight from the database (the server may run)."""
+    from scribe_events.store.retention import cutoff_for
+
     settings = load_settings()
     age = parse_duration(older_than) if older_than else parse_duration(f"{settings.retention_days}d")
     cutoff = cutoff_for(age / timedelta(days=1), now_ms())

@@ -174,6 +174,18 @@ def test_cli_help_lists_commands() -> None:
         assert command in out.stdout
 
 
+def test_cli_commands_start_without_the_store_and_metrics_libraries() -> None:
+    """`publish`, `tail`, `token`… load only what they use: SQLAlchemy and Alembic (about 0.6 s of
+    start-up), prometheus_client and redis are imported by the commands that need them."""
+    probe = (
+        "import sys, scribe_events_cli.main as m; "
+        "print(','.join(x for x in ('sqlalchemy', 'alembic', 'prometheus_client', 'redis', 'fastapi', "
+        "'uvicorn') if x in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
+
+
 def test_cli_serve_sigterm_ends_streams_cleanly(tmp_path: Path) -> None:
     from tests.harness import SECRET, RawStream
 
