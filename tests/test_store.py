@@ -255,6 +255,49 @@ def test_db_upgrade_and_current_commands(store_config: dict[str, Any], tmp_path:
     assert "up to date" in again.stdout
     current = json.loads(cli("db", "current", "--json", cwd=tmp_path, env=env).stdout)
     assert current["current"] == current["head"] == migrate.head() == "0003"
+    assert migrate.scripts_head() == migrate.HEAD  # a new migration bumps HEAD
+
+
+def test_store_started_on_a_current_schema_does_not_load_alembic(store_config: dict[str, Any]) -> None:
+    """Alembic (about 80 ms to import) is loaded to migrate only: an instance starting on a
+    database already at the head reads the version table itself, migrating or checking."""
+    run(_with_store(store_config, lambda store: asyncio.sleep(0)))  # migrated now
+    probe = textwrap.dedent(
+        """
+        import asyncio, json, sys
+        from scribe_events.store.sql import SQLEventStore
+        config = json.loads(sys.argv[1])
+        async def main():
+            for auto in (True, False):
+                store = SQLEventStore(config["database_url"], schema=config.get("database_schema"),
+                                      auto_migrate=auto)
+                await store.start()
+                await store.close()
+        asyncio.run(main())
+        print("alembic" in sys.modules)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, json.dumps(store_config)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_store_refuses_a_version_table_naming_two_revisions(store_config: dict[str, Any]) -> None:
+    async def body(store: SQLEventStore) -> None:
+        table = sa.table(
+            "alembic_version", sa.column("version_num"), schema=store_config.get("database_schema")
+        )
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.insert(table).values(version_num="0002"))
+        for auto in (True, False):
+            again = make({**store_config, "auto_migrate": auto})
+            with pytest.raises(StoreUnavailable, match="2 schema revisions"):
+                await again.start()
+            await again.close()
+
+    run(_with_store(store_config, body))
 
 
 def test_retention_job_purges_by_age_then_by_size(store_config: dict[str, Any]) -> None:
