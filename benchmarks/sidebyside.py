@@ -2,6 +2,8 @@
 generator (``../shared/bench``, ssebench): the rows of BENCHMARKS.md.
 
     .venv/bin/python benchmarks/sidebyside.py [--quick] [--only s1,s2,s3,s4,pg,two] > table.md
+    .venv/bin/python benchmarks/sidebyside.py --only s1 --s1-rates 40,50,60 --live-only   # the events
+        not stored (``persist: false``): what storing each one before it is sent costs
 
 Servers run on CPU 0 and ssebench on CPU 1, as the bench README asks. Nchan is started from the
 machine's nginx with its nchan module (``apt-get install nginx libnginx-mod-nchan``) when it is
@@ -277,6 +279,10 @@ def main() -> int:
     parser.add_argument("--only", default="s1,s2,s3,s4,pg", help="comma-separated: s1,s2,s3,s4,pg")
     parser.add_argument("--quick", action="store_true", help="fewer rates (a smoke run)")
     parser.add_argument("--json", type=Path, help="also write the whole result here")
+    parser.add_argument("--s1-rates", help="comma-separated S1 rates instead of the default list")
+    parser.add_argument(
+        "--live-only", action="store_true", help="scribe-events' ticks are live-only (persist: false)"
+    )
     opts = parser.parse_args()
     only = set(opts.only.split(","))
     if not SSEBENCH.exists():
@@ -291,6 +297,11 @@ def main() -> int:
         run = Run(work, 1000)
         sub, pub = "http://127.0.0.1:{port}/api/v1/events/stream", "http://127.0.0.1:{port}/api/v1/events"
         s1_rates = [85, 130, 160] if opts.quick else [40, 50, 60, 70, 85, 100, 130, 160, 200]
+        if opts.s1_rates:
+            s1_rates = [int(r) for r in opts.s1_rates.split(",")]
+        global TICK
+        if opts.live_only:
+            TICK = TICK.replace('"data"', '"persist":false,"data"')
         s2_rates = [1000, 2000] if opts.quick else [1000, 1500, 2000, 2500, 3000, 5000]
         if "s1" in only or "s2" in only or "s3" in only or "s4" in only:
             with nchan(work) as npid:
