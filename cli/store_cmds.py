@@ -92,7 +92,12 @@ def db_current(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.
     if as_json:
         print(dumps({"database": store.describe(), "current": at, "head": head}))
         return
-    state = ("up to date", "green") if at == head else ("needs `scribe-events db upgrade`", "yellow")
+    if at == head:
+        state = ("up to date", "green")
+    elif at is None or migrate.is_known(at):
+        state = ("needs `scribe-events db upgrade`", "yellow")
+    else:
+        state = ("is unknown to this version (migrated by a newer scribe-events?)", "red")
     console.print(
         Text.assemble(
             f"{visible(store.describe())}: revision {visible(at or 'none')} (this version: {head}) ", state

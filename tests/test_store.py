@@ -284,6 +284,36 @@ def test_store_started_on_a_current_schema_does_not_load_alembic(store_config: d
     assert out.stdout.strip() == "False"
 
 
+def test_a_schema_at_a_revision_this_version_does_not_know_is_one_error(
+    store_config: dict[str, Any], tmp_path: Path
+) -> None:
+    """A rollback: a newer version migrated the database, an older one starts on it. Alembic's
+    "Can't locate revision" was a traceback from `serve` and `db upgrade`."""
+    schema = store_config.get("database_schema")
+
+    async def body(store: SQLEventStore) -> None:
+        table = sa.table("alembic_version", sa.column("version_num"), schema=schema)
+        async with store.engine.begin() as conn:
+            await conn.execute(sa.update(table).values(version_num="9999"))
+        for auto, message in ((True, "newer scribe-events"), (False, "at revision 9999")):
+            again = make({**store_config, "auto_migrate": auto})
+            with pytest.raises(StoreUnavailable, match=message):
+                await again.start()
+            await again.close()
+
+    run(_with_store(store_config, body))
+    env = {"SCRIBE_EVENTS_DATABASE_URL": store_config["database_url"]}
+    if schema:
+        env["SCRIBE_EVENTS_DATABASE_SCHEMA"] = schema
+    upgraded = cli("db", "upgrade", cwd=tmp_path, env=env)
+    assert upgraded.returncode == 1 and "Traceback" not in upgraded.stderr + upgraded.stdout
+    assert "newer scribe-events" in upgraded.stderr
+    asked = cli("db", "upgrade", "0002x", cwd=tmp_path, env=env)
+    assert asked.returncode == 1 and "'0002x'" in asked.stderr and "Traceback" not in asked.stderr
+    current = cli("db", "current", cwd=tmp_path, env=env)
+    assert current.returncode == 1 and "unknown to this version" in " ".join(current.stdout.split())
+
+
 def test_store_refuses_a_version_table_naming_two_revisions(store_config: dict[str, Any]) -> None:
     async def body(store: SQLEventStore) -> None:
         table = sa.table(

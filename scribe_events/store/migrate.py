@@ -48,6 +48,17 @@ def scripts_head() -> str:
     return head_revision
 
 
+def is_known(revision: str) -> bool:
+    """Whether ``revision`` is one of this version's migrations."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
 async def current(engine: AsyncEngine, schema: str | None = None) -> str | None:
     """The revision the database is at (None: never migrated), read as Alembic keeps it: the one
     row of its version table."""
@@ -75,12 +86,20 @@ async def upgrade(engine: AsyncEngine, schema: str | None = None, revision: str 
         if at == HEAD:
             return at  # nothing to do: Alembic is not even loaded
     from alembic import command
+    from alembic.util import CommandError
 
     config = alembic_config(schema)
 
     def run(sync_conn: Any) -> None:
         config.attributes["connection"] = sync_conn
-        command.upgrade(config, revision)
+        try:
+            command.upgrade(config, revision)
+        except CommandError as exc:  # an unknown revision, in the database or asked for
+            raise StoreUnavailable(
+                f"cannot migrate the schema: {exc} (this version knows revisions up to {HEAD}; "
+                "a database migrated by a newer scribe-events needs that version)",
+                code="schema_out_of_date",
+            ) from None
 
     async with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
