@@ -124,24 +124,26 @@ class ScribeApp:
             return receive  # no body
         parts: list[bytes] = []
         seen = 0
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.body_timeout_s
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"the request body did not arrive within {self.settings.body_timeout_s:g} s"
-                ) from None
-            if message["type"] != "http.request":
-                return _replay([message])  # the client left: let the app see it
-            body = message.get("body", b"")
-            seen += len(body)
-            if seen > limit:
-                raise PayloadTooLarge(f"the request body is over {limit} bytes")
-            parts.append(body)
-            if not message.get("more_body", False):
-                break
+        # One deadline for the whole body (a timer, not wait_for's task per message: a body that has
+        # already arrived is then read without another turn of the loop).
+        deadline = asyncio.get_running_loop().time() + self.settings.body_timeout_s
+        try:
+            async with asyncio.timeout_at(deadline):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return _replay([message])  # the client left: let the app see it
+                    body = message.get("body", b"")
+                    seen += len(body)
+                    if seen > limit:
+                        raise PayloadTooLarge(f"the request body is over {limit} bytes")
+                    parts.append(body)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body did not arrive within {self.settings.body_timeout_s:g} s"
+            ) from None
         return _replay([{"type": "http.request", "body": b"".join(parts), "more_body": False}], receive)
 
     @contextlib.asynccontextmanager
