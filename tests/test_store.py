@@ -284,6 +284,11 @@ def test_store_started_on_a_current_schema_does_not_load_alembic(store_config: d
     assert out.stdout.strip() == "False"
 
 
+def _version_table(config: dict[str, Any]) -> sa.TableClause:
+    """Alembic's version table in the test's database or schema."""
+    return sa.table(migrate.VERSION_TABLE, sa.column("version_num"), schema=config.get("database_schema"))
+
+
 def test_a_schema_at_a_revision_this_version_does_not_know_is_one_error(
     store_config: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -292,9 +297,8 @@ def test_a_schema_at_a_revision_this_version_does_not_know_is_one_error(
     schema = store_config.get("database_schema")
 
     async def body(store: SQLEventStore) -> None:
-        table = sa.table("alembic_version", sa.column("version_num"), schema=schema)
         async with store.engine.begin() as conn:
-            await conn.execute(sa.update(table).values(version_num="9999"))
+            await conn.execute(sa.update(_version_table(store_config)).values(version_num="9999"))
         for auto, message in ((True, "newer scribe-events"), (False, "at revision 9999")):
             again = make({**store_config, "auto_migrate": auto})
             with pytest.raises(StoreUnavailable, match=message):
@@ -316,11 +320,8 @@ def test_a_schema_at_a_revision_this_version_does_not_know_is_one_error(
 
 def test_store_refuses_a_version_table_naming_two_revisions(store_config: dict[str, Any]) -> None:
     async def body(store: SQLEventStore) -> None:
-        table = sa.table(
-            "alembic_version", sa.column("version_num"), schema=store_config.get("database_schema")
-        )
         async with store.engine.begin() as conn:
-            await conn.execute(sa.insert(table).values(version_num="0002"))
+            await conn.execute(sa.insert(_version_table(store_config)).values(version_num="0002"))
         for auto in (True, False):
             again = make({**store_config, "auto_migrate": auto})
             with pytest.raises(StoreUnavailable, match="2 schema revisions"):

@@ -17,6 +17,7 @@ from scribe_events.exceptions import StoreUnavailable
 
 if TYPE_CHECKING:
     from alembic.config import Config
+    from alembic.script import ScriptDirectory
 
 SCRIPT_LOCATION = "scribe_events.store:migrations"
 MIGRATE_LOCK = 0x5CE3  # first key of the advisory lock held while migrating (see store/sql.py for 0x5CE1-2)
@@ -39,22 +40,26 @@ def head() -> str:
     return HEAD
 
 
-def scripts_head() -> str:
-    """The head of the migration scripts, as Alembic reads them."""
+def _scripts() -> ScriptDirectory:
+    """This version's migration scripts, as Alembic reads them."""
     from alembic.script import ScriptDirectory
 
-    head_revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def scripts_head() -> str:
+    """The head of the migration scripts."""
+    head_revision = _scripts().get_current_head()
     assert head_revision is not None
     return head_revision
 
 
 def is_known(revision: str) -> bool:
     """Whether ``revision`` is one of this version's migrations."""
-    from alembic.script import ScriptDirectory
     from alembic.util import CommandError
 
     try:
-        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+        return _scripts().get_revision(revision) is not None
     except CommandError:
         return False
 

@@ -58,12 +58,16 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
     conn = await _open(runtime, scope, send)
     if conn is None:
         return
+
+    def leave() -> None:
+        runtime.hub.remove(conn, "client_closed")
+
     protocol = scope.get("extensions", {}).get(PROTOCOL_EXTENSION)
     if protocol is not None and not isinstance(conn.sink, AsgiSink):
         # Written straight to the transport from here on: this task ends, the stream goes on.
-        detached = protocol.detach(scope, lambda: runtime.hub.remove(conn, "client_closed"))
+        detached = protocol.detach(scope, leave)
         if detached == "gone":
-            runtime.hub.remove(conn, "client_closed")
+            leave()
         if detached != "queued":
             return
         # A request pipelined behind the stream holds uvicorn's cycle, and uvicorn tells only that
@@ -78,7 +82,7 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
         try:
             await gone
         finally:
-            runtime.hub.remove(conn, "client_closed")
+            leave()
         return
     try:
         if isinstance(conn.sink, AsgiSink):
@@ -87,7 +91,7 @@ async def handle(runtime: Runtime, scope: dict[str, Any], receive: Any, send: An
             while (await receive())["type"] != "http.disconnect":
                 pass
     finally:
-        runtime.hub.remove(conn, "client_closed")
+        leave()
 
 
 async def _open(runtime: Runtime, scope: dict[str, Any], send: Any) -> Connection | None:
